@@ -1,0 +1,263 @@
+"""Every setting of a simulation, as one validated pydantic model.
+
+`SimConfig` is loaded from TOML or YAML (`load_config`), patched with dotted command-line overrides
+(`--set device.local_epochs=2`), and saved resolved with every run. Unknown keys and impossible values
+are rejected with a `ConfigError` whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+STRATEGIES = ("cloud_only", "metapatch", "dccl", "fedavg", "local_finetune", "coda")
+Strategy = Literal["cloud_only", "metapatch", "dccl", "fedavg", "local_finetune", "coda"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SyntheticConfig(Section):
+    """The long-tail generator (DESIGN.md §2). `personal_deviation` decides how much personalization can win."""
+
+    num_items: PositiveInt = 2000
+    num_categories: PositiveInt = 20
+    num_clusters: PositiveInt = 16
+    latent_dim: PositiveInt = 16
+    zipf_exponent: NonNegativeFloat = 1.0
+    mean_interactions: Annotated[float, Field(ge=3.0)] = 20.0
+    activity_sigma: NonNegativeFloat = 1.0
+    personal_deviation: NonNegativeFloat = 1.0
+    drift: NonNegativeFloat = 0.3
+    candidates_per_choice: Annotated[int, Field(ge=1)] = 16
+
+
+class DataConfig(Section):
+    """Where samples come from and how they are cut (DESIGN.md §2 and §4)."""
+
+    source: str = "ml100k"
+    num_devices: PositiveInt | None = None
+    cache_dir: Path = Path("~/.cache/dccl-sim")
+    history_len: PositiveInt = 20
+    train_negatives: Annotated[int, Field(ge=0)] = 2
+    eval_negatives: PositiveInt = 99
+    test_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    valid_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    pretrain_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    min_interactions: Annotated[int, Field(ge=3)] = 5
+    shard_size: PositiveInt = 1024
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in ("ml100k", "synthetic") or "://" in value:
+            return value
+        if not Path(value).expanduser().exists():
+            raise ValueError(f"no such dataset directory or MovieLens file: {value!r} (or use 'ml100k', 'synthetic')")
+        return value
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> DataConfig:
+        if self.test_frac + self.valid_frac >= 0.9:
+            total = self.test_frac + self.valid_frac
+            raise ValueError(f"test_frac + valid_frac = {total:g} leaves almost no training data; keep it below 0.9")
+        return self
+
+
+class ModelConfig(Section):
+    """The DIN-style cloud model (DESIGN.md §3)."""
+
+    embed_dim: PositiveInt = 32
+    profile_dim: PositiveInt = 8
+    attention_hidden: tuple[PositiveInt, ...] = (36,)
+    mlp_hidden: tuple[PositiveInt, ...] = (200, 80)
+
+    @field_validator("mlp_hidden")
+    @classmethod
+    def _has_hidden_layer(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("the top MLP needs at least one hidden layer (patches attach to hidden layers)")
+        return value
+
+
+class PatchConfig(Section):
+    """MetaPatch sizes: k floats per device, bottleneck rank r per hidden layer."""
+
+    k: PositiveInt = 16
+    rank: PositiveInt = 4
+    bootstrap_epochs: Annotated[int, Field(ge=0)] = 2
+    lr: PositiveFloat = 1e-3
+
+
+class DeviceConfig(Section):
+    """The device step (eq. 3) and its gate."""
+
+    local_epochs: PositiveInt = 1
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 1e-2
+    l2: NonNegativeFloat = 1e-4
+    gate: bool = True
+    gate_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+
+class CloudConfig(Section):
+    """Cloud training: pretraining, per-round fine-tuning / MoMoDistill (eq. 5), the patch-space update (eq. 7)."""
+
+    pretrain_epochs: Annotated[int, Field(ge=0)] = 3
+    finetune_epochs: Annotated[int, Field(ge=0)] = 1
+    batch_size: PositiveInt = 1024
+    lr: PositiveFloat = 1e-3
+    beta: NonNegativeFloat = 0.1
+    temperature: PositiveFloat = 1.0
+    patch_epochs: Annotated[int, Field(ge=0)] = 1
+
+
+class RuntimeConfig(Section):
+    """Where the round loop runs (DESIGN.md §5)."""
+
+    backend: Literal["ray", "local"] = "ray"
+    address: str | None = None
+    devices_per_actor: PositiveInt | Literal["auto"] = "auto"
+    num_actors: PositiveInt | None = None
+    participation: Fraction = 1.0
+    deadline_s: PositiveFloat | None = None
+    torch_threads: PositiveInt | None = None
+
+
+class LatencyConfig(Section):
+    """The deployment latency model (DESIGN.md §6): per-device profiles drawn log-normally, seeded."""
+
+    compute_flops_median: PositiveFloat = 2e10
+    compute_flops_sigma: NonNegativeFloat = 0.5
+    down_bps_median: PositiveFloat = 2.5e6
+    up_bps_median: PositiveFloat = 1e6
+    bandwidth_sigma: NonNegativeFloat = 0.7
+    availability: Fraction = 1.0
+    cloud_flops: PositiveFloat = 1e12
+
+
+class MetricsConfig(Section):
+    """Ranking cut-off and the user-activity buckets (bucket 0 is the long tail)."""
+
+    k: PositiveInt = 10
+    bucket_quantiles: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.25, 0.5, 0.75)
+
+    @field_validator("bucket_quantiles")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if list(value) != sorted(set(value)):
+            raise ValueError("bucket quantiles must be strictly increasing")
+        return value
+
+
+class OutputConfig(Section):
+    out_dir: Path = Path("runs/latest")
+    checkpoint_every: PositiveInt = 1
+    progress: bool = True
+
+
+class SimConfig(Section):
+    """One simulation: every setting, with defaults that run out of the box."""
+
+    seed: int = 0
+    strategy: Strategy = "dccl"
+    rounds: PositiveInt = 3
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    patch: PatchConfig = PatchConfig()
+    device: DeviceConfig = DeviceConfig()
+    cloud: CloudConfig = CloudConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    latency: LatencyConfig = LatencyConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and not isinstance(item["input"], dict):
+            message += f" (got {item['input']!r})"
+        lines.append(f"{key}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(values: dict[str, Any]) -> SimConfig:
+    """Validate a nested dict into a SimConfig, turning pydantic's report into a ConfigError."""
+    try:
+        return SimConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON config file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use .toml, .yaml/.yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ConfigError(f"config file {path} does not parse: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return values
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides; values parse as YAML scalars or lists (`2`, `1e-3`, `true`, `[1,2]`)."""
+    merged = json.loads(json.dumps(values, default=str))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {override!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = merged
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:
+    """The config a command runs with: defaults, then the file (if any), then the overrides."""
+    values = read_config_file(path) if path is not None else {}
+    return build_config(apply_overrides(values, overrides or []))

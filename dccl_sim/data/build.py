@@ -1,0 +1,193 @@
+"""From raw interactions to samples: device ids, time-ordered sequences, splits and sampled negatives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from dccl_sim.config import DataConfig
+from dccl_sim.data.device_data import QUERY_POS_BITS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
+from dccl_sim.data.raw import DataError, RawDataset
+
+FORMAT_VERSION = 1
+
+
+class DatasetMeta(BaseModel):
+    """What a dataset directory holds (its `meta.json`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int = FORMAT_VERSION
+    source: str
+    seed: int
+    num_devices: int
+    num_items: int
+    num_categories: int
+    profile_fields: list[str]
+    profile_cardinalities: list[int]
+    history_len: int
+    train_negatives: int
+    eval_negatives: int
+    test_frac: float
+    valid_frac: float
+    min_interactions: int
+    shard_size: int
+    num_shards: int
+    dropped_users: int
+
+
+@dataclass(frozen=True)
+class BuiltDataset:
+    meta: DatasetMeta
+    item_category: np.ndarray  # [num_items + 1] int64; index 0 is the padding item
+    raw_item_ids: np.ndarray  # [num_items] raw id of item index 1..num_items
+    raw_user_ids: np.ndarray  # [num_devices] raw id of each device
+    data: DeviceData
+
+
+def split_sizes(n: np.ndarray, test_frac: float, valid_frac: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-user (train, valid, test) counts: at least one test and one training interaction."""
+    n_test = np.maximum(1, np.round(test_frac * n)).astype(np.int64)
+    n_valid = np.round(valid_frac * n).astype(np.int64)
+    n_valid = np.clip(n_valid, 0, n - n_test - 1)
+    return n - n_test - n_valid, n_valid, n_test
+
+
+def sample_negatives(
+    rng: np.random.Generator,
+    owner: np.ndarray,
+    count: np.ndarray,
+    touched_keys: np.ndarray,
+    num_items: int,
+) -> np.ndarray:
+    """For each query q draw `count[q]` items in 1..num_items that device `owner[q]` never touched.
+
+    `touched_keys` are the sorted unique keys device * (num_items + 1) + item of all interactions.
+    Vectorized rejection sampling; every device must leave at least one item untouched.
+    """
+    owners = np.repeat(owner.astype(np.int64), count)
+    items = rng.integers(1, num_items + 1, size=len(owners))
+    stride = num_items + 1
+    pending = np.arange(len(owners))
+    for _ in range(1000):
+        keys = owners[pending] * stride + items[pending]
+        at = np.minimum(np.searchsorted(touched_keys, keys), len(touched_keys) - 1)
+        pending = pending[touched_keys[at] == keys]
+        if len(pending) == 0:
+            return items
+        items[pending] = rng.integers(1, num_items + 1, size=len(pending))
+    raise DataError("could not sample negatives: some user has interacted with nearly every item")
+
+
+def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDataset:
+    """Build the samples of DESIGN.md §2 and §4 from a raw dataset, seeded."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
+
+    item_ids = np.unique(raw.item_ids)
+    if len(item_ids) != len(raw.item_ids):
+        raise DataError(f"{raw.name}: duplicate item ids in the item table")
+    order = np.argsort(raw.item_ids, kind="stable")
+    category_sorted = raw.item_category[order].astype(np.int64)
+    item_index = np.searchsorted(item_ids, raw.item_id)
+    unknown = (item_index >= len(item_ids)) | (item_ids[np.minimum(item_index, len(item_ids) - 1)] != raw.item_id)
+    if unknown.any():
+        raise DataError(f"{raw.name}: {int(unknown.sum())} interactions name items missing from the item table")
+    item_index = item_index.astype(np.int64) + 1
+    num_items = len(item_ids)
+
+    users, user_of, counts = np.unique(raw.user_id, return_inverse=True, return_counts=True)
+    keep_user = counts >= config.min_interactions
+    kept = np.flatnonzero(keep_user)
+    if config.num_devices is not None:
+        kept = kept[: config.num_devices]
+    if len(kept) == 0:
+        raise DataError(f"{raw.name}: no user has at least {config.min_interactions} interactions")
+    device_of_user = np.full(len(users), -1, dtype=np.int64)
+    device_of_user[kept] = np.arange(len(kept))
+    device = device_of_user[user_of]
+    mask = device >= 0
+    device, item, timestamp = device[mask], item_index[mask], raw.timestamp[mask].astype(np.int64)
+    raw_user_ids = users[kept]
+
+    profile_fields = sorted(raw.profiles)
+    profile = np.zeros((len(kept), len(profile_fields)), dtype=np.int64)
+    if profile_fields:
+        profile_user_order = np.argsort(raw.user_ids, kind="stable")
+        sorted_profile_users = raw.user_ids[profile_user_order]
+        at = np.minimum(np.searchsorted(sorted_profile_users, raw_user_ids), len(sorted_profile_users) - 1)
+        missing = sorted_profile_users[at] != raw_user_ids
+        if missing.any():
+            raise DataError(f"{raw.name}: user {raw_user_ids[missing][0]} has interactions but no profile")
+        for column, name in enumerate(profile_fields):
+            profile[:, column] = raw.profiles[name][profile_user_order[at]]
+
+    # time order within each device; the original order breaks timestamp ties deterministically
+    order = np.lexsort((np.arange(len(device)), timestamp, device))
+    device, item, timestamp = device[order], item[order], timestamp[order]
+    n = np.bincount(device, minlength=len(kept)).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    seq_pos = np.arange(len(device), dtype=np.int64) - offsets[device]
+    if seq_pos.max() >= 2**QUERY_POS_BITS:
+        raise DataError(f"{raw.name}: a user has more than {2**QUERY_POS_BITS} interactions")
+    n_train, n_valid, _ = split_sizes(n, config.test_frac, config.valid_frac)
+    split = np.full(len(device), SPLIT_TEST, dtype=np.int8)
+    split[seq_pos < n_train[device]] = SPLIT_TRAIN
+    split[(seq_pos >= n_train[device]) & (seq_pos < (n_train + n_valid)[device])] = SPLIT_VALID
+
+    touched = np.unique(device * (num_items + 1) + item)
+    if np.any(np.bincount(touched // (num_items + 1), minlength=len(kept)) >= num_items):
+        raise DataError(f"{raw.name}: a user has interacted with every item; no negatives can be sampled")
+    negatives_per = np.where(split == SPLIT_TRAIN, config.train_negatives, config.eval_negatives)
+    negative_items = sample_negatives(rng, device, negatives_per, touched, num_items)
+    source_of_negative = np.repeat(np.arange(len(device)), negatives_per)
+
+    # interleave: each positive followed by its negatives, all sorted by (device, position)
+    positive_slot = np.arange(len(device)) + np.concatenate([[0], np.cumsum(negatives_per)[:-1]])
+    total = len(device) + len(negative_items)
+    is_positive = np.zeros(total, dtype=bool)
+    is_positive[positive_slot] = True
+    source = np.empty(total, dtype=np.int64)
+    source[positive_slot] = np.arange(len(device))
+    source[~is_positive] = source_of_negative
+    sample_item = np.empty(total, dtype=np.int64)
+    sample_item[positive_slot] = item
+    sample_item[~is_positive] = negative_items
+
+    data = DeviceData(
+        device_ids=np.arange(len(kept), dtype=np.int64),
+        seq_offsets=offsets.astype(np.int64),
+        seq_items=item.astype(np.int32),
+        n_train=n_train.astype(np.int32),
+        profile=profile,
+        sample_device=device[source],
+        item=sample_item.astype(np.int32),
+        label=is_positive.astype(np.int8),
+        seq_pos=seq_pos[source].astype(np.int32),
+        split=split[source],
+        timestamp=timestamp[source],
+    )
+    num_shards = -(-len(kept) // config.shard_size)
+    meta = DatasetMeta(
+        source=raw.name,
+        seed=seed,
+        num_devices=len(kept),
+        num_items=num_items,
+        num_categories=raw.num_categories,
+        profile_fields=profile_fields,
+        profile_cardinalities=[raw.profile_cardinalities[name] for name in profile_fields],
+        history_len=config.history_len,
+        train_negatives=config.train_negatives,
+        eval_negatives=config.eval_negatives,
+        test_frac=config.test_frac,
+        valid_frac=config.valid_frac,
+        min_interactions=config.min_interactions,
+        shard_size=config.shard_size,
+        num_shards=num_shards,
+        dropped_users=int(len(users) - len(kept)),
+    )
+    item_category = np.concatenate([[0], category_sorted])
+    return BuiltDataset(
+        meta=meta, item_category=item_category, raw_item_ids=item_ids, raw_user_ids=raw_user_ids, data=data
+    )

@@ -1,0 +1,278 @@
+"""A seeded, vectorized long-tail recommendation data generator (DESIGN.md §2).
+
+The world it simulates:
+
+* **Items.** `num_items` items, each in one of `num_categories` categories (balanced, shuffled). Every category
+  has a random unit centre; an item's latent vector is its category centre plus a smaller random offset,
+  normalized, so items of one category are similar and the category is informative. Item popularity is Zipf:
+  ``p_i ∝ 1 / rank_i ** zipf_exponent`` over a random permutation of the items.
+* **Users.** Each user (device) belongs to one of `num_clusters` clusters. Their long-term preference is
+  ``u = normalize(cluster_centre + personal_deviation * personal_vector)`` with both parts random unit vectors, so
+  at ``personal_deviation=1`` the shared and the personal part weigh the same and at 0 all users of a cluster share
+  one preference. Each user also drifts: at relative time ``τ ∈ [0, 1]`` of their own timeline (by timestamp,
+  first interaction 0, last 1) the preference is ``normalize(u + drift * τ * direction)`` for a random unit
+  `direction`, so a user's newest behaviour says something the old does not.
+* **Activity.** A user's number of interactions is ``3 + round(LogNormal)``, the log-normal having sigma
+  `activity_sigma` and mean ``mean_interactions - 3`` (so the mean is about `mean_interactions` and the minimum
+  3), capped at ``max(3, num_items // 2)``: most users have few interactions, a few have very many.
+* **Choices.** For each interaction `candidates_per_choice` candidates are drawn from the popularity distribution
+  (with replacement) and one is picked with probability ∝ ``exp(preference · item / TEMPERATURE)``, i.e. the
+  Gumbel-max choice, sampled by inverse CDF instead of Gumbel noise (the same distribution, one exponential per
+  candidate instead of two logarithms). So popularity and preference both shape behaviour. **Items never repeat
+  for a user:** an item already chosen gets weight 0; in the rare case that every candidate was already chosen,
+  the pick is drawn from all the user's unseen items with probability ∝ ``p_i * exp(score_i)``. Every user gets
+  exactly their drawn number of interactions (at least 3).
+* **Time.** Each user starts at a uniform time within a year after `EPOCH_START` and then acts after gaps of
+  ``1 + floor(Exponential(MEAN_GAP_S))`` seconds: timestamps are int64 seconds, *strictly* increasing per user.
+  Interactions of different users may share a timestamp.
+* **Profiles.** ``segment`` (the cluster id, correct with probability `SEGMENT_ACCURACY`, else uniform over the
+  clusters), ``age_group`` (6 values, drawn from a peaked per-cluster distribution: strongly tied to the cluster)
+  and ``region`` (10 values, from a flat-ish per-cluster distribution: weakly tied).
+
+Ids: users are ``0..num_devices-1``, items ``0..num_items-1`` (both int64); interactions come user by user, each
+user's in time order. Everything is derived from ``np.random.SeedSequence(seed)``: the same seed (and config)
+gives identical arrays. Users are generated in chunks of at most `CHUNK_USERS` (fewer when `num_items` is large)
+so memory stays bounded (about 1 GB of working memory at the default config, plus the output, 24 bytes per
+interaction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dccl_sim.config import SyntheticConfig
+from dccl_sim.data.raw import DataError, RawDataset
+
+TEMPERATURE = 0.2
+"""Softmax temperature of a choice; preference·item lies in [-1, 1], so logits span [-5, 5]."""
+ITEM_SPREAD = 0.5
+"""Size of an item's own offset relative to its (unit) category centre."""
+SEGMENT_ACCURACY = 0.6
+"""Probability that the `segment` profile field is the user's true cluster."""
+AGE_GROUPS = 6
+REGIONS = 10
+AGE_CONCENTRATION = 0.5
+"""Dirichlet concentration of each cluster's age-group distribution: small, so peaked (strong correlation)."""
+REGION_CONCENTRATION = 5.0
+"""Dirichlet concentration of each cluster's region distribution: large, so near-uniform (weak correlation)."""
+MIN_INTERACTIONS = 3
+EPOCH_START = 1_600_000_000
+"""Earliest timestamp (2020-09-13, Unix seconds)."""
+HORIZON_S = 365 * 86_400
+"""Users start uniformly within this many seconds after `EPOCH_START`."""
+MEAN_GAP_S = 43_200.0
+"""Mean gap between a user's consecutive interactions (half a day)."""
+BATCH_ELEMENTS = 2_000_000
+"""Users × items per batch: a batch's two float32 score matrices (16 MB at this size) stay in cache."""
+MIN_BATCH_USERS = 64
+POPULARITY_SLOTS_PER_ITEM = 128
+"""Candidates are drawn from a table of at least this many slots per item (popularity quantized to 1/slots)."""
+
+
+def generate_synthetic(config: SyntheticConfig, num_devices: int, seed: int) -> RawDataset:
+    """Generate `num_devices` users' interactions with `config.num_items` items; see the module docstring."""
+    if num_devices < 1:
+        raise DataError(f"synthetic: num_devices must be at least 1, got {num_devices}")
+    if config.num_items < MIN_INTERACTIONS:
+        raise DataError(f"synthetic: num_items must be at least {MIN_INTERACTIONS}, got {config.num_items}")
+    item_ss, user_ss, batch_ss = np.random.SeedSequence(seed).spawn(3)
+    m, d, k = config.num_items, config.latent_dim, config.num_clusters
+
+    # Items: category centres, item vectors, Zipf popularity and its sampling table.
+    rng = np.random.default_rng(item_ss)
+    item_category = rng.permutation(np.arange(m) % config.num_categories).astype(np.int64)
+    category_centres = _unit(rng.standard_normal((config.num_categories, d)))
+    item_vec = _unit(category_centres[item_category] + ITEM_SPREAD * _unit(rng.standard_normal((m, d))))
+    popularity = np.empty(m)
+    popularity[rng.permutation(m)] = 1.0 / np.arange(1, m + 1, dtype=np.float64) ** config.zipf_exponent
+    popularity /= popularity.sum()
+    world = _World(
+        item_t=np.ascontiguousarray(item_vec.T / TEMPERATURE, dtype=np.float32),
+        table=_popularity_table(popularity),
+        log_popularity=np.log(np.maximum(popularity, 1e-30)).astype(np.float32),
+        drift=np.float32(config.drift),
+        candidates=config.candidates_per_choice,
+    )
+
+    # Users: cluster, activity, start time and profile, all at once (a few arrays of num_devices).
+    rng = np.random.default_rng(user_ss)
+    cluster_centres = _unit(rng.standard_normal((k, d)))
+    cluster = rng.integers(0, k, size=num_devices)
+    counts = _activity(rng, config, num_devices)
+    starts = EPOCH_START + rng.integers(0, HORIZON_S, size=num_devices)
+    noisy = rng.random(num_devices) >= SEGMENT_ACCURACY
+    segment = np.where(noisy, rng.integers(0, k, size=num_devices), cluster)
+    age_group = _categorical(rng, rng.dirichlet(np.full(AGE_GROUPS, AGE_CONCENTRATION), size=k), cluster)
+    region = _categorical(rng, rng.dirichlet(np.full(REGIONS, REGION_CONCENTRATION), size=k), cluster)
+
+    # Interactions, batch by batch of users; each batch has its own child seed.
+    ends = np.cumsum(counts)
+    user_id = np.repeat(np.arange(num_devices, dtype=np.int64), counts)
+    item_id = np.empty(int(ends[-1]), dtype=np.int64)
+    timestamp = np.empty(int(ends[-1]), dtype=np.int64)
+    batch = min(num_devices, max(MIN_BATCH_USERS, BATCH_ELEMENTS // m))
+    buffers = (np.empty((batch, m), dtype=np.float32), np.empty((batch, m), dtype=np.float32))
+    bounds = [*range(0, num_devices, batch), num_devices]
+    for lo, hi, ss in zip(bounds[:-1], bounds[1:], batch_ss.spawn(len(bounds) - 1), strict=True):
+        rng = np.random.default_rng(ss)
+        a, b = int(ends[lo] - counts[lo]), int(ends[hi - 1])
+        personal = _unit(rng.standard_normal((hi - lo, d)))
+        pref = _unit(cluster_centres[cluster[lo:hi]] + config.personal_deviation * personal).astype(np.float32)
+        direction = _unit(rng.standard_normal((hi - lo, d))).astype(np.float32)
+        timestamp[a:b], tau = _timeline(rng, starts[lo:hi], counts[lo:hi])
+        item_id[a:b] = _choose(rng, world, buffers, pref, direction, counts[lo:hi], tau)
+
+    return RawDataset(
+        name="synthetic",
+        user_id=user_id,
+        item_id=item_id,
+        timestamp=timestamp,
+        item_ids=np.arange(m, dtype=np.int64),
+        item_category=item_category,
+        num_categories=config.num_categories,
+        user_ids=np.arange(num_devices, dtype=np.int64),
+        profiles={
+            "segment": segment.astype(np.int64),
+            "age_group": age_group.astype(np.int64),
+            "region": region.astype(np.int64),
+        },
+        profile_cardinalities={"segment": k, "age_group": AGE_GROUPS, "region": REGIONS},
+    )
+
+
+@dataclass(frozen=True)
+class _World:
+    """What every batch's choices need about the items."""
+
+    item_t: np.ndarray  # (latent_dim, num_items) float32: item vectors / TEMPERATURE, transposed
+    table: np.ndarray  # popularity sampling table, length a power of two
+    log_popularity: np.ndarray  # (num_items,) float32
+    drift: np.float32
+    candidates: int
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def _activity(rng: np.random.Generator, config: SyntheticConfig, n: int) -> np.ndarray:
+    """Heavy-tailed interaction counts: 3 + rounded log-normal with mean `mean_interactions - 3`, capped."""
+    cap = max(MIN_INTERACTIONS, config.num_items // 2)
+    extra_mean = config.mean_interactions - MIN_INTERACTIONS
+    if extra_mean <= 0:
+        return np.full(n, MIN_INTERACTIONS, dtype=np.int64)
+    sigma = config.activity_sigma
+    extra = rng.lognormal(np.log(extra_mean) - sigma**2 / 2, sigma, size=n)
+    return np.minimum(MIN_INTERACTIONS + np.rint(extra).astype(np.int64), cap)
+
+
+def _categorical(rng: np.random.Generator, probs: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """One draw per user from the distribution `probs[group[u]]`."""
+    cdf = np.cumsum(probs, axis=1)
+    u = rng.random(len(group))[:, None] * cdf[group, -1:]
+    return np.minimum((cdf[group] <= u).sum(axis=1), probs.shape[1] - 1)
+
+
+def _popularity_table(p: np.ndarray) -> np.ndarray:
+    """A table of 2**bits item ids, item i in about p[i] * 2**bits slots (at least one): a uniform slot is a draw.
+
+    Slots are rounded by largest remainder, so each item's share is exact up to one slot (at least
+    `POPULARITY_SLOTS_PER_ITEM` slots per item on average); a table lookup is much faster than an inverse-CDF search.
+    """
+    m = len(p)
+    size = 1 << max(16, int(np.ceil(np.log2(m * POPULARITY_SLOTS_PER_ITEM))))
+    raw = p * size
+    slots = np.maximum(np.floor(raw), 1).astype(np.int64)
+    excess = int(slots.sum()) - size
+    if excess < 0:  # hand the missing slots to the largest remainders (fewer than m of them)
+        slots[np.argsort(slots - raw, kind="stable")[:-excess]] += 1
+    while excess > 0:  # the minimum of one slot overshot: take back from the most over-served items
+        big = np.flatnonzero(slots > 1)
+        take = big[np.argsort(raw[big] - slots[big], kind="stable")[:excess]]
+        slots[take] -= 1
+        excess -= len(take)
+    return np.repeat(np.arange(m, dtype=np.int16 if m <= np.iinfo(np.int16).max else np.int32), slots)
+
+
+def _timeline(rng: np.random.Generator, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Strictly increasing int64 timestamps per user and each interaction's relative time τ ∈ [0, 1] (float32)."""
+    total = int(counts.sum())
+    first = np.cumsum(counts) - counts
+    gaps = 1 + rng.exponential(MEAN_GAP_S, size=total).astype(np.int64)
+    gaps[first] = 0
+    elapsed = np.cumsum(gaps)
+    elapsed -= np.repeat(elapsed[first], counts)
+    span = np.repeat(elapsed[first + counts - 1], counts)
+    return np.repeat(starts, counts) + elapsed, (elapsed / span).astype(np.float32)
+
+
+def _choose(
+    rng: np.random.Generator,
+    world: _World,
+    buffers: tuple[np.ndarray, np.ndarray],
+    pref: np.ndarray,
+    direction: np.ndarray,
+    counts: np.ndarray,
+    tau: np.ndarray,
+) -> np.ndarray:
+    """The items chosen by one batch of users (user-major, in time order), never repeating an item for a user.
+
+    One (users × items) score matrix holds ``preference · item / TEMPERATURE``, another the same for the drift
+    direction. All pending interactions are drawn at once; when one user picked the same item at several
+    interactions, one keeps it and the others are drawn again in the next round. A kept item's score becomes
+    -inf, which excludes it from the user's later draws. Each round settles at least one interaction per user.
+    """
+    b, m = len(counts), world.item_t.shape[1]
+    cands, drift = world.candidates, world.drift
+    scores = buffers[0][:b]
+    np.matmul(pref, world.item_t, out=scores)
+    flat_scores = scores.reshape(-1)
+    stamps = flat_scores.view(np.int32)
+    rows = np.repeat(np.arange(b, dtype=np.int64), counts)
+    if drift > 0:
+        drift_scores = buffers[1][:b]
+        np.matmul(direction, world.item_t, out=drift_scores)
+        flat_drift = drift_scores.reshape(-1)
+        shift = drift * tau
+        # |u + shift·dir| for unit u and dir; dividing by it keeps the preference strength constant.
+        cos = np.einsum("ij,ij->i", pref, direction)
+        inv_norm = 1.0 / np.sqrt(1.0 + 2.0 * shift * cos[rows] + shift * shift)
+    table_shift = 32 - (len(world.table).bit_length() - 1)
+
+    chosen_all = np.empty(len(rows), dtype=np.int64)
+    pending = np.arange(len(rows))
+    while pending.size:
+        n = pending.size
+        base = rows[pending] * m
+        slot = rng.integers(0, 1 << 32, size=(n, cands), dtype=np.uint32) >> table_shift
+        cand = world.table[slot]
+        flat = base[:, None] + cand
+        s = flat_scores[flat]
+        if drift > 0:
+            s += shift[pending, None] * flat_drift[flat]
+            s *= inv_norm[pending, None]
+        cum = np.cumsum(np.exp(s, out=s), axis=1, out=s)
+        threshold = rng.random(n, dtype=np.float32) * cum[:, -1]
+        pick = np.count_nonzero(cum <= threshold[:, None], axis=1)
+        stuck = np.flatnonzero(pick >= cands)  # every candidate already taken (or a rounding edge)
+        pick[stuck] = 0
+        chosen = cand[np.arange(n), pick].astype(np.int64)
+        if stuck.size:  # draw from all the user's untaken items, weighted by popularity × exp(score)
+            full = scores[rows[pending[stuck]]]
+            if drift > 0:
+                at = pending[stuck, None]
+                full = (full + shift[at] * drift_scores[rows[pending[stuck]]]) * inv_norm[at]
+            gumbel = -np.log(-np.log(rng.random(full.shape, dtype=np.float32) + np.float32(1e-12)))
+            chosen[stuck] = np.argmax(full + world.log_popularity + gumbel, axis=1)
+        keys = base + chosen
+        stamp = np.arange(n, dtype=np.int32)
+        stamps[keys[::-1]] = stamp[::-1]  # one stamp survives per (user, item): that interaction keeps it
+        won = stamps[keys] == stamp
+        flat_scores[keys] = -np.inf
+        chosen_all[pending[won]] = chosen[won]
+        pending = pending[~won]
+    return chosen_all

@@ -1,0 +1,116 @@
+"""The cloud recommender f(x; W): a DIN-style model (DESIGN.md §3).
+
+Items are embedded as item + category embeddings; the history is pooled with attention weights from
+`MLP([e_h, e_t, e_h - e_t, e_h * e_t])` (masked softmax over the valid positions); the top MLP reads
+`x = [pooled, e_t, pooled * e_t, profile embeddings]`. `features` and `head` are exposed separately so that
+device steps compute x once per round and patches can act on the top MLP's hidden layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from dccl_sim.config import ModelConfig
+from dccl_sim.data.device_data import Batch
+
+# patch(layer index, hidden output z_l) -> z_l + h_l(z_l)
+HiddenPatch = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class CloudModel(nn.Module):
+    """DIN-style CTR model; `forward(batch)` returns logits of shape [N]."""
+
+    def __init__(
+        self,
+        num_items: int,
+        num_categories: int,
+        profile_cardinalities: Sequence[int],
+        item_category: torch.Tensor,
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or ModelConfig()
+        d = config.embed_dim
+        if item_category.shape[0] != num_items + 1:
+            raise ValueError(f"item_category must have num_items + 1 = {num_items + 1} entries (index 0 is padding)")
+        self.num_items = num_items
+        self.register_buffer("item_category", item_category.to(torch.int64), persistent=False)
+        self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.category_embedding = nn.Embedding(num_categories, d)
+        self.profile_embeddings = nn.ModuleList(nn.Embedding(c, config.profile_dim) for c in profile_cardinalities)
+
+        sizes = [4 * d, *config.attention_hidden]
+        self.attention_layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
+        self.attention_out = nn.Linear(sizes[-1], 1)
+
+        self.input_dim = 3 * d + config.profile_dim * len(profile_cardinalities)
+        sizes = [self.input_dim, *config.mlp_hidden]
+        self.hidden_layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
+        self.output_layer = nn.Linear(sizes[-1], 1)
+        for embedding in (self.item_embedding, self.category_embedding, *self.profile_embeddings):
+            nn.init.normal_(embedding.weight, std=0.05)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [layer.out_features for layer in self.hidden_layers]
+
+    def item_table(self) -> torch.Tensor:
+        """Embeddings of every item index (item + its category), [num_items + 1, d]; row 0 is padding."""
+        return self.item_embedding.weight + self.category_embedding(self.item_category)
+
+    def _attention_logits(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The first layer acts on [e_h, e_t, e_h - e_t, e_h * e_t]. Splitting its weight into the four blocks
+        # W_h, W_t, W_d, W_p gives, per sample n, hidden = e_h @ (W_h + W_d + diag(e_t) W_p)^T + (W_t - W_d) e_t + b:
+        # the same function as one batched matmul, without materializing the [N, L, 4d] concatenation.
+        first = self.attention_layers[0] if self.attention_layers else self.attention_out
+        w_h, w_t, w_diff, w_prod = first.weight.chunk(4, dim=1)
+        per_sample = (w_h + w_diff).T.unsqueeze(0) + target.unsqueeze(2) * w_prod.T.unsqueeze(0)
+        bias = target @ (w_t - w_diff).T + first.bias
+        hidden = torch.baddbmm(bias.unsqueeze(1), history, per_sample)
+        if not self.attention_layers:
+            return hidden.squeeze(-1)
+        hidden = torch.relu(hidden)
+        for layer in self.attention_layers[1:]:
+            hidden = torch.relu(layer(hidden))
+        return self.attention_out(hidden).squeeze(-1)
+
+    def _check_items(self, batch: Batch) -> None:
+        if len(batch) == 0:
+            return
+        low, high = int(batch.item.min()), max(int(batch.item.max()), int(batch.history.max()))
+        if low < 1 or high > self.num_items:
+            bad = high if high > self.num_items else low
+            raise ValueError(f"item id {bad} is unknown to the model (valid ids: 1..{self.num_items})")
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        """The top-MLP input x = [pooled history, e_t, pooled * e_t, profile embeddings], shape [N, input_dim]."""
+        self._check_items(batch)
+        table = self.item_table()
+        target = table[batch.item]
+        history = table[batch.history]
+        mask = batch.history > 0
+        logits = self._attention_logits(history, target).masked_fill(~mask, float("-inf"))
+        # an empty history (a user's first interaction) pools to zero instead of NaN
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
+        pooled = torch.einsum("nl,nld->nd", weights, history)
+        parts = [pooled, target, pooled * target]
+        parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
+        return torch.cat(parts, dim=1)
+
+    def head(self, x: torch.Tensor, patch: HiddenPatch | None = None) -> torch.Tensor:
+        """Top MLP on x; `patch(l, z_l)` may replace each hidden output z_l (MetaPatch). Returns logits [N]."""
+        z = x
+        for index, layer in enumerate(self.hidden_layers):
+            z = torch.relu(layer(z))
+            if patch is not None:
+                z = patch(index, z)
+        return self.output_layer(z).squeeze(-1)
+
+    def forward(self, batch: Batch, patch: HiddenPatch | None = None) -> torch.Tensor:
+        return self.head(self.features(batch), patch)

@@ -1,0 +1,74 @@
+"""Plain supervised training and batched scoring of the cloud model over a DeviceData."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dccl_sim.data.device_data import Batch, DeviceData
+
+# extra loss on a minibatch: (logits, batch, sample indices) -> scalar
+ExtraLoss = Callable[[torch.Tensor, Batch, np.ndarray], torch.Tensor]
+
+
+def seeded_generator(*keys: int) -> np.random.Generator:
+    """A NumPy generator derived from integer keys such as (seed, round, device id), never from process state."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
+
+
+def fit(
+    model: nn.Module,
+    data: DeviceData,
+    indices: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    history_len: int,
+    seed_keys: tuple[int, ...],
+    extra_loss: ExtraLoss | None = None,
+    parameters: list[nn.Parameter] | None = None,
+) -> list[float]:
+    """Minimize mean BCE (plus `extra_loss`) over the samples `indices` with Adam; returns the mean loss per epoch.
+
+    Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible.
+    """
+    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    rng = seeded_generator(*seed_keys)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(indices)
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = data.batch(chunk, history_len)
+            logits = model(batch)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
+            if extra_loss is not None:
+                loss = loss + extra_loss(logits, batch, chunk)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(chunk)
+            count += len(chunk)
+        losses.append(total / max(count, 1))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: DeviceData, indices: np.ndarray, *, history_len: int, chunk_size: int = 16384
+) -> np.ndarray:
+    """Logits of the samples `indices`, computed in chunks to bound memory."""
+    model.eval()
+    out = np.empty(len(indices), dtype=np.float32)
+    for start in range(0, len(indices), chunk_size):
+        chunk = indices[start : start + chunk_size]
+        out[start : start + len(chunk)] = model(data.batch(chunk, history_len)).numpy()
+    return out

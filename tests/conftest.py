@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny hand-made raw dataset and small real ML-100K builds, made once per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dccl_sim.config import DataConfig, SyntheticConfig
+from dccl_sim.data.build import BuiltDataset, build_dataset
+from dccl_sim.data.movielens import load_ml100k
+from dccl_sim.data.raw import RawDataset
+from dccl_sim.data.synthetic import generate_synthetic
+
+
+def make_tiny_raw() -> RawDataset:
+    """Three users (ids 10, 20, 30) over 16 items; user 30 has exactly 5 interactions."""
+    rows = []
+    for user, count in ((10, 12), (20, 8), (30, 5)):
+        for position in range(count):
+            rows.append((user, 100 + (position * 7 + user) % 16, 1000 * user + 10 * position))
+    user_id, item_id, timestamp = (np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
+    return RawDataset(
+        name="tiny",
+        user_id=user_id,
+        item_id=item_id,
+        timestamp=timestamp,
+        item_ids=np.arange(100, 116, dtype=np.int64),
+        item_category=np.arange(16, dtype=np.int64) % 3,
+        num_categories=3,
+        user_ids=np.array([10, 20, 30], dtype=np.int64),
+        profiles={"gender": np.array([0, 1, 1])},
+        profile_cardinalities={"gender": 2},
+    )
+
+
+@pytest.fixture
+def tiny_raw() -> RawDataset:
+    return make_tiny_raw()
+
+
+@pytest.fixture(scope="session")
+def ml100k_raw(tmp_path_factory: pytest.TempPathFactory) -> RawDataset:
+    return load_ml100k(DataConfig().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def ml100k_small(ml100k_raw: RawDataset) -> BuiltDataset:
+    """The first 60 ML-100K users with 19 negatives per evaluation positive: small enough for fast tests."""
+    config = DataConfig(num_devices=60, eval_negatives=19)
+    return build_dataset(ml100k_raw, config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_small() -> BuiltDataset:
+    config = DataConfig(source="synthetic", num_devices=300, eval_negatives=19)
+    raw = generate_synthetic(SyntheticConfig(num_items=300), 300, seed=0)
+    return build_dataset(raw, config, seed=0)

@@ -1,0 +1,107 @@
+"""The DIN-style cloud model: shapes, masking, the attention decomposition, unknown items, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dccl_sim import metrics
+from dccl_sim.config import ModelConfig
+from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, Batch
+from dccl_sim.models.din import CloudModel
+from dccl_sim.models.training import fit, predict
+
+
+def _model(num_items: int = 20, seed: int = 0, **config) -> CloudModel:
+    torch.manual_seed(seed)
+    category = torch.arange(num_items + 1) % 4
+    return CloudModel(num_items, 4, [2, 3], category, ModelConfig(**config))
+
+
+def _batch(n: int = 6, length: int = 5, num_items: int = 20) -> Batch:
+    generator = torch.Generator().manual_seed(1)
+    history = torch.randint(1, num_items + 1, (n, length), generator=generator)
+    history[0] = 0  # no history at all
+    history[1, :3] = 0  # partly padded
+    return Batch(
+        item=torch.randint(1, num_items + 1, (n,), generator=generator),
+        history=history,
+        profile=torch.stack([torch.arange(n) % 2, torch.arange(n) % 3], dim=1),
+        label=(torch.arange(n) % 2).float(),
+    )
+
+
+def test_shapes_and_hidden_layers() -> None:
+    model = _model(mlp_hidden=(16, 8), embed_dim=8, profile_dim=4)
+    batch = _batch()
+    x = model.features(batch)
+    assert x.shape == (6, 3 * 8 + 2 * 4)
+    assert model.hidden_sizes == [16, 8]
+    assert model(batch).shape == (6,)
+    assert torch.isfinite(model(batch)).all()  # an empty history pools to zero, not NaN
+
+
+def test_attention_equals_the_mlp_on_the_concatenation() -> None:
+    model = _model(attention_hidden=(7, 5))
+    batch = _batch()
+    table = model.item_table()
+    target, history = table[batch.item], table[batch.history]
+    t = target.unsqueeze(1).expand_as(history)
+    hidden = torch.cat([history, t, history - t, history * t], dim=-1)
+    for layer in model.attention_layers:
+        hidden = torch.relu(layer(hidden))
+    expected = model.attention_out(hidden).squeeze(-1)
+    torch.testing.assert_close(model._attention_logits(history, target), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_positions_do_not_change_the_output() -> None:
+    model = _model()
+    batch = _batch()
+    longer = Batch(
+        item=batch.item,
+        history=torch.cat([torch.zeros(6, 4, dtype=torch.int64), batch.history], dim=1),
+        profile=batch.profile,
+        label=batch.label,
+    )
+    torch.testing.assert_close(model(batch), model(longer))
+
+
+def test_head_patch_sees_every_hidden_layer() -> None:
+    model = _model(mlp_hidden=(16, 8))
+    seen = []
+
+    def patch(index: int, z: torch.Tensor) -> torch.Tensor:
+        seen.append((index, z.shape[1]))
+        return z
+
+    x = model.features(_batch())
+    torch.testing.assert_close(model.head(x, patch), model.head(x))
+    assert seen == [(0, 16), (1, 8)]
+
+
+def test_unknown_items_are_a_clear_error() -> None:
+    model = _model(num_items=20)
+    batch = _batch()
+    bad = Batch(item=batch.item.clone(), history=batch.history, profile=batch.profile, label=batch.label)
+    bad.item[2] = 21
+    with pytest.raises(ValueError, match="item id 21 is unknown to the model"):
+        model(bad)
+
+
+def test_training_on_ml100k_users_beats_chance(ml100k_small) -> None:
+    built = ml100k_small
+    data = built.data
+    torch.manual_seed(0)
+    model = CloudModel(
+        built.meta.num_items,
+        built.meta.num_categories,
+        built.meta.profile_cardinalities,
+        torch.from_numpy(built.item_category),
+    )
+    train = np.flatnonzero(data.split == SPLIT_TRAIN)
+    test = np.flatnonzero(data.split == SPLIT_TEST)
+    losses = fit(model, data, train, epochs=3, batch_size=256, lr=3e-3, history_len=20, seed_keys=(0,))
+    assert losses[-1] < losses[0]
+    scores = predict(model, data, test, history_len=20)
+    assert metrics.auc(data.label[test], scores) > 0.7

@@ -1,0 +1,81 @@
+"""Parquet storage partitioned by device shard, and reading only some devices back."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dccl_sim.config import DataConfig
+from dccl_sim.data.build import BuiltDataset, build_dataset
+from dccl_sim.data.prepare import prepare_dataset, write_to
+from dccl_sim.data.raw import DataError
+from dccl_sim.data.store import SAMPLE_SCHEMA, read_devices, read_item_category, read_meta
+
+
+@pytest.fixture
+def sharded(ml100k_raw, tmp_path: Path) -> tuple[BuiltDataset, Path]:
+    built = build_dataset(ml100k_raw, DataConfig(num_devices=50, eval_negatives=5, shard_size=16), seed=0)
+    write_to(built, tmp_path / "ds")
+    return built, tmp_path / "ds"
+
+
+def _assert_same(a, b) -> None:
+    for field in dataclasses.fields(a):
+        assert np.array_equal(getattr(a, field.name), getattr(b, field.name)), field.name
+
+
+def test_round_trip_of_the_whole_dataset(sharded) -> None:
+    built, root = sharded
+    assert read_meta(str(root)) == built.meta
+    assert built.meta.num_shards == 4
+    assert np.array_equal(read_item_category(str(root)), built.item_category)
+    _assert_same(read_devices(str(root)), built.data)
+
+
+def test_samples_files_follow_the_arrow_schema_and_shards(sharded) -> None:
+    _, root = sharded
+    shards = sorted(p.name for p in (root / "samples").iterdir())
+    assert shards == ["shard=00000", "shard=00001", "shard=00002", "shard=00003"]
+    table = pq.read_table(root / "samples" / "shard=00002" / "part-0.parquet")
+    assert table.schema.equals(SAMPLE_SCHEMA)
+    ids = table["device_id"].to_numpy()
+    assert ids.min() == 32 and ids.max() == 47
+
+
+def test_reading_some_devices_equals_the_subset_and_touches_only_their_shards(sharded) -> None:
+    built, root = sharded
+    wanted = np.array([17, 3, 40])
+    # remove a shard none of them lives in: reading must not need it
+    for kind in ("samples", "sequences"):
+        (root / kind / "shard=00003" / "part-0.parquet").unlink()
+    _assert_same(read_devices(str(root), wanted), built.data.subset(np.sort(wanted)))
+    with pytest.raises(DataError, match="dataset file missing"):
+        read_devices(str(root), np.array([49]))
+
+
+def test_corrupt_and_missing_files_give_clear_errors(sharded, tmp_path: Path) -> None:
+    _, root = sharded
+    (root / "samples" / "shard=00001" / "part-0.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="corrupt or unreadable"):
+        read_devices(str(root), np.array([20]))
+    with pytest.raises(DataError, match="not a dataset directory"):
+        read_meta(str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"device ids must lie in 0\.\.49"):
+        read_devices(str(root), np.array([50]))
+
+
+def test_prepare_dataset_caches_by_settings(ml100k_raw, tmp_path: Path) -> None:
+    config = DataConfig(num_devices=20, eval_negatives=3, cache_dir=tmp_path)
+    first = prepare_dataset(config, seed=0)
+    assert read_meta(first).num_devices == 20
+    stamp = (Path(first) / "meta.json").stat().st_mtime_ns
+    assert prepare_dataset(config, seed=0) == first
+    assert (Path(first) / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert prepare_dataset(config.model_copy(update={"eval_negatives": 4}), seed=0) != first
+    assert prepare_dataset(config, seed=1) != first
+    # a dataset directory given as the source is used as it is
+    assert prepare_dataset(config.model_copy(update={"source": first}), seed=5) == first
