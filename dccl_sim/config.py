@@ -59,6 +59,7 @@ class DataConfig(Section):
     test_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     valid_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrain_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    windows: PositiveInt = 5
     min_interactions: Annotated[int, Field(ge=3)] = 5
     shard_size: PositiveInt = 1024
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -106,11 +107,13 @@ class PatchConfig(Section):
 
 
 class DeviceConfig(Section):
-    """The device step (eq. 3) and its gate."""
+    """The device step (eq. 3) and its gate; `model_lr` is for strategies that train full models (fedavg,
+    local_finetune)."""
 
     local_epochs: PositiveInt = 1
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-2
+    model_lr: PositiveFloat = 1e-3
     l2: NonNegativeFloat = 1e-4
     gate: bool = True
     gate_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
@@ -153,8 +156,10 @@ class LatencyConfig(Section):
 
 
 class MetricsConfig(Section):
-    """Ranking cut-off and the user-activity buckets (bucket 0 is the long tail)."""
+    """Which split rounds are evaluated on, the ranking cut-off and the user-activity buckets (bucket 0 is the
+    long tail). Tune on `valid`; report `test`."""
 
+    split: Literal["valid", "test"] = "test"
     k: PositiveInt = 10
     bucket_quantiles: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.25, 0.5, 0.75)
 
@@ -187,6 +192,15 @@ class SimConfig(Section):
     latency: LatencyConfig = LatencyConfig()
     metrics: MetricsConfig = MetricsConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _a_window_per_round(self) -> SimConfig:
+        if self.rounds > self.data.windows:
+            raise ValueError(
+                f"rounds ({self.rounds}) exceeds data.windows ({self.data.windows}): each round learns a new time "
+                "window; raise data.windows"
+            )
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -15,7 +15,7 @@ from dccl_sim.data.store import new_temp_path, read_meta, write_dataset
 from dccl_sim.data.synthetic import generate_synthetic
 
 # settings that do not change the samples, so they do not change the cache key
-_NOT_IN_KEY = {"cache_dir", "pretrain_frac"}
+_NOT_IN_KEY = {"cache_dir", "pretrain_frac", "windows"}
 
 
 def load_raw(config: DataConfig, seed: int, num_devices: int | None = None) -> RawDataset:

@@ -16,12 +16,15 @@ The world it simulates:
   `activity_sigma` and mean ``mean_interactions - 3`` (so the mean is about `mean_interactions` and the minimum
   3), capped at ``max(3, num_items // 2)``: most users have few interactions, a few have very many.
 * **Choices.** For each interaction `candidates_per_choice` candidates are drawn from the popularity distribution
-  (with replacement) and one is picked with probability ∝ ``exp(preference · item / TEMPERATURE)``, i.e. the
-  Gumbel-max choice, sampled by inverse CDF instead of Gumbel noise (the same distribution, one exponential per
-  candidate instead of two logarithms). So popularity and preference both shape behaviour. **Items never repeat
-  for a user:** an item already chosen gets weight 0; in the rare case that every candidate was already chosen,
-  the pick is drawn from all the user's unseen items with probability ∝ ``p_i * exp(score_i)``. Every user gets
-  exactly their drawn number of interactions (at least 3).
+  (with replacement; popularity quantized to a table of at least `POPULARITY_SLOTS_PER_ITEM` slots per item) and
+  one is picked with probability ∝ ``exp(logit)``, ``logit = PREFERENCE_STRENGTH * sqrt(latent_dim) *
+  preference(τ) · item``: the Gumbel-max choice, sampled by inverse CDF instead of with Gumbel noise (the same
+  distribution, one exponential per candidate instead of two logarithms). So popularity and preference both shape
+  behaviour. **Items never repeat for a user:** an item the user already has gets weight 0; in the rare case that
+  every candidate is taken, the pick is drawn from all the user's untaken items with probability
+  ∝ ``p_i * exp(logit_i)``. (All of a user's interactions are drawn at once and collisions redrawn, so an early
+  interaction's redraw also excludes items the user picks later; see `_choose`.) Every user gets exactly their
+  drawn number of interactions, at least 3.
 * **Time.** Each user starts at a uniform time within a year after `EPOCH_START` and then acts after gaps of
   ``1 + floor(Exponential(MEAN_GAP_S))`` seconds: timestamps are int64 seconds, *strictly* increasing per user.
   Interactions of different users may share a timestamp.
@@ -31,9 +34,9 @@ The world it simulates:
 
 Ids: users are ``0..num_devices-1``, items ``0..num_items-1`` (both int64); interactions come user by user, each
 user's in time order. Everything is derived from ``np.random.SeedSequence(seed)``: the same seed (and config)
-gives identical arrays. Users are generated in chunks of at most `CHUNK_USERS` (fewer when `num_items` is large)
-so memory stays bounded (about 1 GB of working memory at the default config, plus the output, 24 bytes per
-interaction).
+gives identical arrays. Users are generated in batches of about ``BATCH_ELEMENTS / num_items`` (each batch with
+its own child seed), so working memory stays small (tens of MB at the default config) besides the output, 24 bytes
+per interaction (about 0.5 GB for 10^6 users at the defaults).
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ import numpy as np
 from dccl_sim.config import SyntheticConfig
 from dccl_sim.data.raw import DataError, RawDataset
 
-TEMPERATURE = 0.2
-"""Softmax temperature of a choice; preference·item lies in [-1, 1], so logits span [-5, 5]."""
+PREFERENCE_STRENGTH = 2.0
+"""A choice's logit is ``PREFERENCE_STRENGTH * sqrt(latent_dim) * preference · item`` (both unit vectors): for
+unrelated vectors ``sqrt(latent_dim) * u · v`` has standard deviation about 1, so this is about the logits' spread
+across items, whatever `latent_dim` is (the inverse of a softmax temperature)."""
 ITEM_SPREAD = 0.5
 """Size of an item's own offset relative to its (unit) category centre."""
 SEGMENT_ACCURACY = 0.6
@@ -65,7 +70,7 @@ HORIZON_S = 365 * 86_400
 MEAN_GAP_S = 43_200.0
 """Mean gap between a user's consecutive interactions (half a day)."""
 BATCH_ELEMENTS = 2_000_000
-"""Users × items per batch: a batch's two float32 score matrices (16 MB at this size) stay in cache."""
+"""Users × items per batch: a batch's (users × items × 2) float32 score matrix (16 MB at this size) stays in cache."""
 MIN_BATCH_USERS = 64
 POPULARITY_SLOTS_PER_ITEM = 128
 """Candidates are drawn from a table of at least this many slots per item (popularity quantized to 1/slots)."""
@@ -88,8 +93,11 @@ def generate_synthetic(config: SyntheticConfig, num_devices: int, seed: int) -> 
     popularity = np.empty(m)
     popularity[rng.permutation(m)] = 1.0 / np.arange(1, m + 1, dtype=np.float64) ** config.zipf_exponent
     popularity /= popularity.sum()
+    # Block matrix: [preference | direction] @ blocks gives each (user, item) its score and drift score side by side.
+    blocks = np.zeros((2 * d, m, 2), dtype=np.float32)
+    blocks[:d, :, 0] = blocks[d:, :, 1] = item_vec.T * (PREFERENCE_STRENGTH * np.sqrt(d))
     world = _World(
-        item_t=np.ascontiguousarray(item_vec.T / TEMPERATURE, dtype=np.float32),
+        blocks=blocks.reshape(2 * d, 2 * m),
         table=_popularity_table(popularity),
         log_popularity=np.log(np.maximum(popularity, 1e-30)).astype(np.float32),
         drift=np.float32(config.drift),
@@ -113,16 +121,16 @@ def generate_synthetic(config: SyntheticConfig, num_devices: int, seed: int) -> 
     item_id = np.empty(int(ends[-1]), dtype=np.int64)
     timestamp = np.empty(int(ends[-1]), dtype=np.int64)
     batch = min(num_devices, max(MIN_BATCH_USERS, BATCH_ELEMENTS // m))
-    buffers = (np.empty((batch, m), dtype=np.float32), np.empty((batch, m), dtype=np.float32))
+    buffer = np.empty((batch, 2 * m), dtype=np.float32)
     bounds = [*range(0, num_devices, batch), num_devices]
     for lo, hi, ss in zip(bounds[:-1], bounds[1:], batch_ss.spawn(len(bounds) - 1), strict=True):
         rng = np.random.default_rng(ss)
         a, b = int(ends[lo] - counts[lo]), int(ends[hi - 1])
         personal = _unit(rng.standard_normal((hi - lo, d)))
-        pref = _unit(cluster_centres[cluster[lo:hi]] + config.personal_deviation * personal).astype(np.float32)
-        direction = _unit(rng.standard_normal((hi - lo, d))).astype(np.float32)
+        pref = _unit(cluster_centres[cluster[lo:hi]] + config.personal_deviation * personal)
+        direction = _unit(rng.standard_normal((hi - lo, d)))
         timestamp[a:b], tau = _timeline(rng, starts[lo:hi], counts[lo:hi])
-        item_id[a:b] = _choose(rng, world, buffers, pref, direction, counts[lo:hi], tau)
+        item_id[a:b] = _choose(rng, world, buffer, pref, direction, counts[lo:hi], tau)
 
     return RawDataset(
         name="synthetic",
@@ -146,7 +154,7 @@ def generate_synthetic(config: SyntheticConfig, num_devices: int, seed: int) -> 
 class _World:
     """What every batch's choices need about the items."""
 
-    item_t: np.ndarray  # (latent_dim, num_items) float32: item vectors / TEMPERATURE, transposed
+    blocks: np.ndarray  # (2 * latent_dim, 2 * num_items) float32: scaled item vectors, block-diagonal
     table: np.ndarray  # popularity sampling table, length a power of two
     log_popularity: np.ndarray  # (num_items,) float32
     drift: np.float32
@@ -213,7 +221,7 @@ def _timeline(rng: np.random.Generator, starts: np.ndarray, counts: np.ndarray) 
 def _choose(
     rng: np.random.Generator,
     world: _World,
-    buffers: tuple[np.ndarray, np.ndarray],
+    buffer: np.ndarray,
     pref: np.ndarray,
     direction: np.ndarray,
     counts: np.ndarray,
@@ -221,26 +229,26 @@ def _choose(
 ) -> np.ndarray:
     """The items chosen by one batch of users (user-major, in time order), never repeating an item for a user.
 
-    One (users × items) score matrix holds ``preference · item / TEMPERATURE``, another the same for the drift
-    direction. All pending interactions are drawn at once; when one user picked the same item at several
-    interactions, one keeps it and the others are drawn again in the next round. A kept item's score becomes
-    -inf, which excludes it from the user's later draws. Each round settles at least one interaction per user.
+    A (users × items × 2) matrix holds the logits of ``preference · item`` and ``direction · item`` side by side
+    (one matrix product, one 8-byte gather per candidate). All pending interactions are drawn at
+    once; when one user picked the same item at several interactions, one of them keeps it and the others are
+    drawn again in the next round. A kept item's score becomes -inf, which excludes it from the user's later
+    draws. Each round settles at least one interaction per pending user. Arrays are (candidates × interactions)
+    so that the cumulative sums run over contiguous rows.
     """
-    b, m = len(counts), world.item_t.shape[1]
-    cands, drift = world.candidates, world.drift
-    scores = buffers[0][:b]
-    np.matmul(pref, world.item_t, out=scores)
-    flat_scores = scores.reshape(-1)
-    stamps = flat_scores.view(np.int32)
+    b, m = len(counts), world.blocks.shape[1] // 2
+    cands = world.candidates
+    both = buffer[:b]
+    np.matmul(np.concatenate([pref, direction], axis=1).astype(np.float32), world.blocks, out=both)
+    pairs = both.reshape(-1).view(np.int64)  # (user, item) -> score and drift score, as one 8-byte value
+    scores = both.reshape(-1)[0::2]  # (user * m + item) -> score (a strided view)
+    stamps = both.reshape(-1).view(np.int32)[0::2]
     rows = np.repeat(np.arange(b, dtype=np.int64), counts)
-    if drift > 0:
-        drift_scores = buffers[1][:b]
-        np.matmul(direction, world.item_t, out=drift_scores)
-        flat_drift = drift_scores.reshape(-1)
-        shift = drift * tau
-        # |u + shift·dir| for unit u and dir; dividing by it keeps the preference strength constant.
-        cos = np.einsum("ij,ij->i", pref, direction)
-        inv_norm = 1.0 / np.sqrt(1.0 + 2.0 * shift * cos[rows] + shift * shift)
+    # At relative time τ the preference is (u + shift·dir) / |u + shift·dir| with shift = drift·τ, u and dir unit.
+    shift = world.drift * tau
+    cos = np.einsum("ij,ij->i", pref, direction).astype(np.float32)
+    weight = (1.0 / np.sqrt(1.0 + 2.0 * shift * cos[rows] + shift * shift)).astype(np.float32)
+    drift_weight = shift * weight
     table_shift = 32 - (len(world.table).bit_length() - 1)
 
     chosen_all = np.empty(len(rows), dtype=np.int64)
@@ -248,31 +256,27 @@ def _choose(
     while pending.size:
         n = pending.size
         base = rows[pending] * m
-        slot = rng.integers(0, 1 << 32, size=(n, cands), dtype=np.uint32) >> table_shift
-        cand = world.table[slot]
-        flat = base[:, None] + cand
-        s = flat_scores[flat]
-        if drift > 0:
-            s += shift[pending, None] * flat_drift[flat]
-            s *= inv_norm[pending, None]
-        cum = np.cumsum(np.exp(s, out=s), axis=1, out=s)
-        threshold = rng.random(n, dtype=np.float32) * cum[:, -1]
-        pick = np.count_nonzero(cum <= threshold[:, None], axis=1)
+        w, dw = weight[pending], drift_weight[pending]
+        cand = world.table[rng.integers(0, 1 << 32, size=(cands, n), dtype=np.uint32) >> table_shift]
+        pair = pairs[base + cand].view(np.float32).reshape(cands, n, 2)
+        s = pair[:, :, 0] * w
+        s += pair[:, :, 1] * dw
+        cum = np.cumsum(np.exp(s, out=s), axis=0, out=s)
+        threshold = rng.random(n, dtype=np.float32) * cum[-1]
+        pick = np.count_nonzero(cum <= threshold, axis=0)
         stuck = np.flatnonzero(pick >= cands)  # every candidate already taken (or a rounding edge)
         pick[stuck] = 0
-        chosen = cand[np.arange(n), pick].astype(np.int64)
+        chosen = cand[pick, np.arange(n)].astype(np.int64)
         if stuck.size:  # draw from all the user's untaken items, weighted by popularity × exp(score)
-            full = scores[rows[pending[stuck]]]
-            if drift > 0:
-                at = pending[stuck, None]
-                full = (full + shift[at] * drift_scores[rows[pending[stuck]]]) * inv_norm[at]
+            full = both[rows[pending[stuck]]].reshape(len(stuck), m, 2)
+            full = full[:, :, 0] * w[stuck, None] + full[:, :, 1] * dw[stuck, None]
             gumbel = -np.log(-np.log(rng.random(full.shape, dtype=np.float32) + np.float32(1e-12)))
             chosen[stuck] = np.argmax(full + world.log_popularity + gumbel, axis=1)
         keys = base + chosen
         stamp = np.arange(n, dtype=np.int32)
-        stamps[keys[::-1]] = stamp[::-1]  # one stamp survives per (user, item): that interaction keeps it
+        stamps[keys[::-1]] = stamp[::-1]  # one stamp survives per (user, item): that interaction keeps the item
         won = stamps[keys] == stamp
-        flat_scores[keys] = -np.inf
+        scores[keys] = -np.inf
         chosen_all[pending[won]] = chosen[won]
         pending = pending[~won]
     return chosen_all

@@ -103,14 +103,22 @@ class CloudModel(nn.Module):
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
 
-    def head(self, x: torch.Tensor, patch: HiddenPatch | None = None) -> torch.Tensor:
-        """Top MLP on x; `patch(l, z_l)` may replace each hidden output z_l (MetaPatch). Returns logits [N]."""
-        z = x
-        for index, layer in enumerate(self.hidden_layers):
+    def first_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """z_0, the first hidden layer's output before any patch: constant while W is frozen, so devices cache it."""
+        return torch.relu(self.hidden_layers[0](x))
+
+    def head_from_first(self, z0: torch.Tensor, patch: HiddenPatch | None = None) -> torch.Tensor:
+        """The rest of the top MLP from the cached z_0; `patch(l, z_l)` may replace each hidden output z_l."""
+        z = z0 if patch is None else patch(0, z0)
+        for index, layer in enumerate(self.hidden_layers[1:], start=1):
             z = torch.relu(layer(z))
             if patch is not None:
                 z = patch(index, z)
         return self.output_layer(z).squeeze(-1)
+
+    def head(self, x: torch.Tensor, patch: HiddenPatch | None = None) -> torch.Tensor:
+        """Top MLP on x (optionally patched, MetaPatch); returns logits [N]."""
+        return self.head_from_first(self.first_hidden(x), patch)
 
     def forward(self, batch: Batch, patch: HiddenPatch | None = None) -> torch.Tensor:
         return self.head(self.features(batch), patch)

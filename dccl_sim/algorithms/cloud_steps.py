@@ -1,0 +1,205 @@
+"""Cloud-side steps: bootstrapping G, fine-tuning, MoMoDistill (eq. 5) and the patch-space update (eq. 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from dccl_sim.config import CloudConfig, PatchConfig
+from dccl_sim.data.device_data import Batch, DeviceData
+from dccl_sim.models.din import CloudModel
+from dccl_sim.models.encoder import PatchEncoder
+from dccl_sim.models.metapatch import MetaPatch
+from dccl_sim.models.training import fit, seeded_generator
+
+
+def binary_kl_with_temperature(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):
+    """T² · KL(Bernoulli(σ(t/T)) ‖ Bernoulli(σ(s/T))) per sample; T² keeps gradients comparable across T."""
+    t, s = teacher_logits / temperature, student_logits / temperature
+    p = torch.sigmoid(t)
+    kl = p * (functional.logsigmoid(t) - functional.logsigmoid(s)) + (1 - p) * (
+        functional.logsigmoid(-t) - functional.logsigmoid(-s)
+    )
+    return temperature**2 * kl
+
+
+def _frozen(module: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    states = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in states:
+        p.requires_grad_(False)
+    return states
+
+
+def _restore(states: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in states:
+        p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = 16384):
+    """The top-MLP input x of the given samples under a frozen model, computed in chunks to bound memory."""
+    model.eval()
+    parts = [model.features(data.batch(indices[i : i + chunk], history_len)) for i in range(0, len(indices), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, model.input_dim)
+
+
+@torch.no_grad()
+def first_hidden_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = 16384):
+    """z_0 of the given samples under a frozen model."""
+    parts = [
+        model.first_hidden(features_of(model, data, indices[i : i + chunk], history_len, chunk))
+        for i in range(0, len(indices), chunk)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, model.hidden_sizes[0])
+
+
+def per_sample_theta(theta_of_device: torch.Tensor, device_rows: np.ndarray) -> torch.Tensor:
+    return theta_of_device[torch.from_numpy(np.asarray(device_rows, dtype=np.int64))]
+
+
+@torch.no_grad()
+def teacher_logits(
+    model: CloudModel,
+    patch: MetaPatch,
+    data: DeviceData,
+    indices: np.ndarray,
+    theta_of_sample: torch.Tensor,
+    history_len: int,
+) -> torch.Tensor:
+    """f(x; W_t, G_t, θ̂_m) for the round's samples: the fixed teachers of MoMoDistill."""
+    z0 = first_hidden_of(model, data, indices, history_len)
+    return model.head_from_first(z0, patch.patch(theta_of_sample))
+
+
+def bootstrap_patch(
+    model: CloudModel,
+    patch: MetaPatch,
+    data: DeviceData,
+    indices: np.ndarray,
+    config: PatchConfig,
+    batch_size: int,
+    history_len: int,
+    seed: int,
+) -> list[float]:
+    """Learn Θ and {A_l} with W frozen and a per-device θ table on the pretraining data (then the table is
+    discarded: every device starts from θ = 0). Returns the mean loss per epoch."""
+    z0 = first_hidden_of(model, data, indices, history_len)
+    label = torch.from_numpy(data.label[indices].astype(np.float32))
+    rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
+    generator = torch.Generator().manual_seed(seed)
+    table = nn.Parameter(0.1 * torch.randn(data.num_devices, config.k, generator=generator))
+    optimizer = torch.optim.Adam([*patch.parameters(), table], lr=config.lr)
+    rng = seeded_generator(seed, 0xB007)
+    frozen = _frozen(model)
+    losses = []
+    try:
+        for _ in range(config.bootstrap_epochs):
+            order = torch.from_numpy(rng.permutation(len(indices)))
+            total = 0.0
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                logits = model.head_from_first(z0[chunk], patch.patch(table[rows[chunk]]))
+                loss = functional.binary_cross_entropy_with_logits(logits, label[chunk])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(chunk)
+            losses.append(total / max(len(order), 1))
+    finally:
+        _restore(frozen)
+    return losses
+
+
+def finetune(
+    model: CloudModel,
+    data: DeviceData,
+    indices: np.ndarray,
+    config: CloudConfig,
+    history_len: int,
+    seed_keys: tuple[int, ...],
+) -> list[float]:
+    """Plain BCE fine-tuning of W on the round's data (cloud_only's cloud step)."""
+    return fit(
+        model,
+        data,
+        indices,
+        epochs=config.finetune_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        history_len=history_len,
+        seed_keys=seed_keys,
+    )
+
+
+def momodistill_step(
+    model: CloudModel,
+    data: DeviceData,
+    indices: np.ndarray,
+    teachers: torch.Tensor,
+    config: CloudConfig,
+    history_len: int,
+    seed_keys: tuple[int, ...],
+) -> list[float]:
+    """Eq. 5: train W on the round's data with BCE + β · KL_T(p_m ‖ σ(f(x; W))) against fixed teachers.
+
+    `teachers[i]` is the teacher logit of sample `indices[i]`; `indices` must be sorted.
+    """
+    if config.beta == 0:
+        return finetune(model, data, indices, config, history_len, seed_keys)
+
+    def distill(logits: torch.Tensor, batch: Batch, chunk: np.ndarray) -> torch.Tensor:
+        teacher = teachers[torch.from_numpy(np.searchsorted(indices, chunk))]
+        return config.beta * binary_kl_with_temperature(teacher, logits, config.temperature).mean()
+
+    return fit(
+        model,
+        data,
+        indices,
+        epochs=config.finetune_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        history_len=history_len,
+        seed_keys=seed_keys,
+        extra_loss=distill,
+    )
+
+
+def patch_space_update(
+    model: CloudModel,
+    patch: MetaPatch,
+    encoder: PatchEncoder,
+    data: DeviceData,
+    indices: np.ndarray,
+    teachers: torch.Tensor,
+    theta_hat_of_sample: torch.Tensor,
+    config: CloudConfig,
+    patch_config: PatchConfig,
+    history_len: int,
+    seed_keys: tuple[int, ...],
+) -> list[float]:
+    """Eq. 7: with W_{t+1} fixed, fit G and ψ so that σ(f(x; W_{t+1}, G, E_ψ(profile_m, θ̂_m))) matches the teachers."""
+    z0 = first_hidden_of(model, data, indices, history_len)
+    profile = torch.from_numpy(data.profile[data.rows_of(data.sample_device[indices])])
+    optimizer = torch.optim.Adam([*patch.parameters(), *encoder.parameters()], lr=patch_config.lr)
+    rng = seeded_generator(*seed_keys, 0xE7)
+    frozen = _frozen(model)
+    losses = []
+    try:
+        for _ in range(config.patch_epochs):
+            order = torch.from_numpy(rng.permutation(len(indices)))
+            total = 0.0
+            for start in range(0, len(order), config.batch_size):
+                chunk = order[start : start + config.batch_size]
+                theta = encoder(profile[chunk], theta_hat_of_sample[chunk])
+                logits = model.head_from_first(z0[chunk], patch.patch(theta))
+                loss = binary_kl_with_temperature(teachers[chunk], logits, config.temperature).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(chunk)
+            losses.append(total / max(len(order), 1))
+    finally:
+        _restore(frozen)
+    return losses

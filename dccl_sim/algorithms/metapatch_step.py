@@ -1,0 +1,143 @@
+"""The MetaPatch device step (eq. 3), packed: K devices' meta-patches trained at once as one computation.
+
+W and G are frozen, so the first hidden output z_0 of every local sample is computed once per round and
+reused; each device follows its own seeded minibatch sequence, with its own Adam state and step count, and
+drops out when its batches run out. With K = 1 this is the single-device step: the packed result equals K
+single-device calls (a test holds it to 1e-5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional
+
+from dccl_sim.algorithms.packed_adam import PackedAdam
+from dccl_sim.algorithms.schedule import minibatch_schedule
+from dccl_sim.config import DeviceConfig
+from dccl_sim.models.din import CloudModel
+from dccl_sim.models.metapatch import MetaPatch
+
+
+@dataclass(frozen=True)
+class LocalSamples:
+    """The round's local training samples of K devices: device m owns rows [starts[m], ends[m]), oldest first;
+    rows [holdout_start[m], ends[m]) are its newest slice, which the gate checks on."""
+
+    z0: torch.Tensor  # [S, d_0] first hidden output under the frozen broadcast model
+    label: torch.Tensor  # [S]
+    starts: np.ndarray  # [K]
+    ends: np.ndarray  # [K]
+    holdout_start: np.ndarray  # [K]
+    device_ids: np.ndarray  # [K] global ids, for seeding
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.starts)
+
+
+@dataclass(frozen=True)
+class PatchStepResult:
+    theta: torch.Tensor  # [K, k] the uploaded meta-patches
+    gate_passed: np.ndarray  # [K] bool
+    steps: np.ndarray  # [K] optimizer steps taken (for the FLOP count of the latency model)
+
+
+def patched_logits(model: CloudModel, patch: MetaPatch, z0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Logits of samples whose rows carry their own meta-patch theta [N, k]."""
+    return model.head_from_first(z0, patch.patch(theta))
+
+
+def loss_per_device(
+    model: CloudModel,
+    patch: MetaPatch,
+    z0: torch.Tensor,
+    label: torch.Tensor,
+    device: torch.Tensor,
+    theta: torch.Tensor,
+) -> torch.Tensor:
+    """Mean BCE of each device's samples (0 for a device without samples); `device` gives each row's device."""
+    bce = functional.binary_cross_entropy_with_logits(
+        patched_logits(model, patch, z0, theta[device]), label, reduction="none"
+    )
+    num_devices = theta.shape[0]
+    total = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, bce)
+    count = torch.bincount(device, minlength=num_devices).clamp(min=1)
+    return total / count
+
+
+def train_patches(
+    model: CloudModel,
+    patch: MetaPatch,
+    samples: LocalSamples,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    theta_start: torch.Tensor,
+    config: DeviceConfig,
+    seed_keys: list[tuple[int, ...]],
+) -> tuple[torch.Tensor, np.ndarray]:
+    """min over θ̂_m of mean BCE on rows [starts[m], ends[m]) + λ‖θ̂_m‖², Adam, for every device m at once."""
+    schedule = minibatch_schedule(starts, ends, config.local_epochs, config.batch_size, seed_keys)
+    theta = theta_start.detach().clone().requires_grad_(True)
+    optimizer = PackedAdam([theta], lr=config.lr)
+    for s in range(schedule.num_steps):
+        rows, devices = schedule.step(s)
+        device = torch.from_numpy(devices)
+        active = torch.unique(device)
+        per_device = loss_per_device(
+            model, patch, samples.z0[rows], samples.label[torch.from_numpy(rows)], device, theta
+        )
+        loss = per_device.sum() + config.l2 * theta[active].pow(2).sum()
+        theta.grad = None
+        loss.backward()
+        optimizer.step(active)
+    return theta.detach(), optimizer.steps.numpy().astype(np.int64)
+
+
+def _rows(starts: np.ndarray, ends: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = ends - starts
+    device = np.repeat(np.arange(len(starts)), lengths)
+    rows = np.arange(lengths.sum()) + np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(device.astype(np.int64))
+
+
+@torch.no_grad()
+def holdout_gate(model: CloudModel, patch: MetaPatch, samples: LocalSamples, theta: torch.Tensor) -> np.ndarray:
+    """True where θ lowers the loss on the device's newest slice compared with θ = 0 (the cloud model)."""
+    rows, device = _rows(samples.holdout_start, samples.ends)
+    z0, label = samples.z0[rows], samples.label[rows]
+    with_patch = loss_per_device(model, patch, z0, label, device, theta)
+    without = loss_per_device(model, patch, z0, label, device, torch.zeros_like(theta))
+    has_holdout = samples.ends > samples.holdout_start
+    has_train = samples.holdout_start > samples.starts
+    return (with_patch < without).numpy() & has_holdout & has_train
+
+
+def metapatch_device_step(
+    model: CloudModel,
+    patch: MetaPatch,
+    samples: LocalSamples,
+    theta_start: torch.Tensor,
+    config: DeviceConfig,
+    seed: int,
+    round_index: int,
+) -> PatchStepResult:
+    """Eq. 3 with the gate: train on older data, keep the patch only where it helps on the newest slice
+    (then refit it on all local data), otherwise fall back to θ̂ = 0."""
+    keys = [(seed, round_index, int(device), 0) for device in samples.device_ids]
+    if not config.gate:
+        theta, steps = train_patches(model, patch, samples, samples.starts, samples.ends, theta_start, config, keys)
+        return PatchStepResult(theta, np.ones(samples.num_devices, dtype=bool), steps)
+    trial, trial_steps = train_patches(
+        model, patch, samples, samples.starts, samples.holdout_start, theta_start, config, keys
+    )
+    passed = holdout_gate(model, patch, samples, trial)
+    refit_keys = [(seed, round_index, int(device), 1) for device in samples.device_ids]
+    refit_ends = np.where(passed, samples.ends, samples.starts)
+    refit, refit_steps = train_patches(
+        model, patch, samples, samples.starts, refit_ends, theta_start, config, refit_keys
+    )
+    theta = torch.where(torch.from_numpy(passed).unsqueeze(1), refit, torch.zeros_like(refit))
+    return PatchStepResult(theta, passed, trial_steps + refit_steps)

@@ -1,0 +1,89 @@
+"""What moves between the cloud and the devices in a round: plain values, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+# Per-device result columns every strategy fills (one entry per device of a pack).
+DEVICE_COLUMNS = (
+    "device_id",
+    "n_train",
+    "n_test",
+    "start_auc",
+    "device_auc",
+    "start_hr",
+    "device_hr",
+    "start_ndcg",
+    "device_ndcg",
+    "n_queries",
+    "gate_passed",
+    "samples_trained",
+    "compute_s",
+)
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Sent once per round through the object store: W_t, G_t and the participants' starting meta-patches."""
+
+    round: int
+    participants: np.ndarray  # sorted global device ids
+    model_state: dict[str, np.ndarray]
+    patch_state: dict[str, np.ndarray] | None = None
+    start_theta: np.ndarray | None = None  # [len(participants), k]
+
+    def start_theta_of(self, device_ids: np.ndarray, k: int) -> torch.Tensor:
+        if self.start_theta is None:
+            return torch.zeros(len(device_ids), k)
+        rows = np.searchsorted(self.participants, device_ids)
+        return torch.from_numpy(self.start_theta[rows].copy())
+
+    @property
+    def nbytes(self) -> int:
+        states = [self.model_state, self.patch_state or {}]
+        return sum(a.nbytes for state in states for a in state.values())
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What the devices of one pack upload: per-device columns, meta-patches, and for FedAvg the sample-weighted
+    sum of their models (summed inside the pack so the upload does not grow with the pack)."""
+
+    columns: dict[str, np.ndarray]
+    theta: np.ndarray | None = None  # [K, k]
+    model_sum: dict[str, np.ndarray] | None = None
+    weight: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device_ids(self) -> np.ndarray:
+        return self.columns["device_id"]
+
+
+def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    return {name: tensor.detach().numpy().copy() for name, tensor in module.state_dict().items()}
+
+
+def load_numpy_state(module: nn.Module, state: dict[str, np.ndarray]) -> None:
+    module.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in state.items()})
+
+
+def concat_results(results: list[PackResult]) -> dict[str, np.ndarray]:
+    """All packs' per-device columns, sorted by device id."""
+    if not results:
+        return {name: np.zeros(0) for name in DEVICE_COLUMNS}
+    columns = {name: np.concatenate([r.columns[name] for r in results]) for name in DEVICE_COLUMNS}
+    order = np.argsort(columns["device_id"], kind="stable")
+    return {name: values[order] for name, values in columns.items()}
+
+
+def concat_theta(results: list[PackResult]) -> tuple[np.ndarray, np.ndarray]:
+    """(device ids, meta-patches) of all packs, sorted by device id."""
+    ids = np.concatenate([r.device_ids for r in results]) if results else np.zeros(0, dtype=np.int64)
+    theta = np.concatenate([r.theta for r in results]) if results else np.zeros((0, 0), dtype=np.float32)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], theta[order]
