@@ -144,7 +144,9 @@ class RuntimeConfig(Section):
 
 
 class LatencyConfig(Section):
-    """The deployment latency model (DESIGN.md §6): per-device profiles drawn log-normally, seeded."""
+    """The deployment latency model (DESIGN.md §6): per-device profiles drawn log-normally, seeded. Devices whose
+    modelled time exceeds `deadline_s` are stragglers of the modelled deployment (deterministic), unlike
+    `runtime.deadline_s`, which bounds the simulator's own wall-clock gather."""
 
     compute_flops_median: PositiveFloat = 2e10
     compute_flops_sigma: NonNegativeFloat = 0.5
@@ -152,6 +154,7 @@ class LatencyConfig(Section):
     up_bps_median: PositiveFloat = 1e6
     bandwidth_sigma: NonNegativeFloat = 0.7
     availability: Fraction = 1.0
+    deadline_s: PositiveFloat | None = None
     cloud_flops: PositiveFloat = 1e12
 
 

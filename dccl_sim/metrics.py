@@ -345,3 +345,26 @@ def evaluate(
         device_auc=per_device.auc,
         k=int(k),
     )
+
+
+def summarize_devices(
+    n_samples: np.ndarray, auc_: np.ndarray, hr: np.ndarray, ndcg: np.ndarray, n_queries: np.ndarray
+) -> dict[str, float]:
+    """Pool per-device results into GAUC, HR and NDCG without the scores.
+
+    GAUC = Σ_u n_u · AUC_u / Σ_u n_u over devices with a defined AUC (as `gauc`); HR and NDCG are means over
+    all queries, i.e. per-device means weighted by each device's number of queries.
+    """
+    n_samples, n_queries = np.asarray(n_samples, dtype=np.float64), np.asarray(n_queries, dtype=np.float64)
+    defined = np.isfinite(auc_)
+    has_queries = n_queries > 0
+    total_queries = n_queries[has_queries].sum()
+    return {
+        "gauc": _weighted_gauc(np.where(defined, auc_, np.nan), n_samples),
+        "hr": float((hr[has_queries] * n_queries[has_queries]).sum() / total_queries)
+        if total_queries
+        else float("nan"),
+        "ndcg": float((ndcg[has_queries] * n_queries[has_queries]).sum() / total_queries)
+        if total_queries
+        else float("nan"),
+    }

@@ -10,7 +10,7 @@ import pytest
 
 from dccl_sim.config import SyntheticConfig
 from dccl_sim.data.raw import DataError, RawDataset
-from dccl_sim.data.synthetic import EPOCH_START, generate_synthetic
+from dccl_sim.data.synthetic import EPOCH_START, _popularity_table, generate_synthetic
 
 N = 2000
 ITEMS = 500
@@ -122,6 +122,20 @@ def test_item_popularity_is_skewed_by_zipf():
 
     assert top_decile_share(dataset()) > 0.3
     assert top_decile_share(dataset(zipf_exponent=0.0)) < 0.2
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 3.0])
+def test_popularity_table_matches_the_distribution(exponent):
+    p = 1.0 / np.arange(1, 1001) ** exponent
+    p /= p.sum()
+    table = _popularity_table(p)
+    size = len(table)
+    assert size & (size - 1) == 0  # a power of two: a slot is the top bits of a random word
+    share = np.bincount(table, minlength=1000) / size
+    assert share.min() > 0  # every item can be a candidate
+    assert 0.5 * np.abs(share - p).sum() < 1000 / size  # total variation
+    big = p * size >= 100
+    assert np.abs(share[big] / p[big] - 1).max() < 0.02
 
 
 def test_personal_deviation_spreads_users_of_a_cluster_apart():

@@ -46,6 +46,14 @@ class CloudSide:
         mask = (self.data.split == SPLIT_TRAIN) & (self.window == round_index)
         return np.flatnonzero(mask & np.isin(self.data.sample_device, participants))
 
+    def device_counts(self, round_index: int) -> dict[str, np.ndarray]:
+        local = (self.data.split == SPLIT_TRAIN) & (self.window <= round_index)
+        n = self.data.num_devices
+        return {
+            "n_local": np.bincount(self.data.sample_device[local], minlength=n),
+            "n_eval": np.bincount(self.data.sample_device[self.eval_indices], minlength=n),
+        }
+
     def pretrain(self, cache_dir: Path | None = None) -> dict[str, float]:
         """Central pretraining on every device's pretraining window, then bootstrapping G (DESIGN.md §4).
 

@@ -1,0 +1,146 @@
+"""`dccl-sim run | sweep | report | data`: the command line (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from dccl_sim.config import ConfigError, SimConfig, load_config
+from dccl_sim.data.raw import DataError
+
+console = Console()
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None) -> SimConfig:
+    overrides = list(args.set or []) + (extra or [])
+    return load_config(args.config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dccl_sim.runtime.session import resume_state, run
+
+    extra = []
+    if args.address:
+        extra += [f"runtime.address={args.address}", "runtime.backend=ray"]
+    if args.resume:
+        if args.config or args.out:
+            raise ConfigError("--resume continues a run with its saved config; use --set to change settings")
+        config, state = resume_state(Path(args.resume), list(args.set or []) + extra)
+    else:
+        config = _config(args, extra + ([f"output.out_dir={args.out}"] if args.out else []))
+        state = None
+    out_dir = Path(config.output.out_dir)
+    try:
+        state = run(config, state)
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]interrupted[/]: the finished rounds are in {out_dir}; continue with "
+            f"`dccl-sim run --resume {out_dir}`"
+        )
+        return 130
+    console.print(f"[green]done[/]: {len(state.records)} rounds in {out_dir} (rounds.parquet, devices.parquet)")
+    return 0
+
+
+def _summary_table(built) -> Table:
+    data = built.data
+    n = np.diff(data.seq_offsets)
+    positives = data.label == 1
+    table = Table(title=f"dataset {built.meta.source}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("devices", f"{data.num_devices:,}")
+    table.add_row("items", f"{built.meta.num_items:,}")
+    table.add_row("categories", f"{built.meta.num_categories}")
+    table.add_row("profile fields", ", ".join(built.meta.profile_fields) or "none")
+    for split, name in enumerate(("train", "valid", "test")):
+        mine = data.split == split
+        table.add_row(f"{name} samples (positives)", f"{int(mine.sum()):,} ({int((mine & positives).sum()):,})")
+    q = np.percentile(n, [50, 90])
+    table.add_row("interactions per device min / median / p90 / max", f"{n.min()} / {q[0]:g} / {q[1]:g} / {n.max()}")
+    if built.meta.dropped_users:
+        table.add_row("users left out (too few interactions or beyond num_devices)", f"{built.meta.dropped_users:,}")
+    return table
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dccl_sim.data.prepare import build, write_to
+
+    extra = [f"data.source={args.source if args.source != 'movielens' else args.path}"]
+    if args.source == "movielens" and not args.path:
+        raise ConfigError("dccl-sim data movielens needs the path of the MovieLens files")
+    if args.devices is not None:
+        extra.append(f"data.num_devices={args.devices}")
+    config = _config(args, extra)
+    with console.status(f"building {args.source} samples"):
+        built = build(config.data, config.seed)
+    with console.status(f"writing Parquet to {args.out}"):
+        write_to(built, Path(args.out))
+    console.print(_summary_table(built))
+    console.print(f"written to {args.out}; use it with --set data.source={args.out}")
+    return 0
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    console.print(f"[red]error[/]: `dccl-sim {args.command}` is not available in this version yet")
+    return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="dccl-sim", description="Simulate device-cloud collaborative learning on Ray.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="TOML or YAML config file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. rounds=5")
+
+    run = commands.add_parser("run", help="run a simulation")
+    common(run)
+    run.add_argument("--out", type=Path, help="run directory (default: output.out_dir)")
+    run.add_argument("--address", help="join an existing Ray cluster (else RAY_ADDRESS, else embedded local Ray)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue (or extend with --set rounds=N) a run")
+    run.set_defaults(handler=cmd_run)
+
+    data = commands.add_parser("data", help="build a dataset directory (Parquet partitioned by device shard)")
+    data.add_argument("source", choices=["ml100k", "synthetic", "movielens"])
+    data.add_argument("path", nargs="?", help="MovieLens files (for `movielens`)")
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--devices", type=int, help="synthetic: how many devices; real data: keep the first N users")
+    common(data)
+    data.set_defaults(handler=cmd_data)
+
+    sweep = commands.add_parser("sweep", help="run one configuration at several device counts")
+    sweep.add_argument("--devices")
+    common(sweep)
+    sweep.add_argument("--out", type=Path)
+    sweep.set_defaults(handler=cmd_not_yet)
+
+    report = commands.add_parser("report", help="write report.md and plots for a run directory")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(handler=cmd_not_yet)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError) as error:
+        console.print(f"[red]error[/]: {error}")
+        return 2
+    except Exception as error:
+        from dccl_sim.runtime.ray_runtime import RuntimeStartError
+
+        if isinstance(error, RuntimeStartError):
+            console.print(f"[red]error[/]: {error}")
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

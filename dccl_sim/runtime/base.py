@@ -1,0 +1,50 @@
+"""The small interface the round loop is written against; the in-process and the Ray runtime implement it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dccl_sim.algorithms.protocol import PackResult
+from dccl_sim.config import SimConfig
+
+
+@dataclass
+class DevicePhase:
+    """What came back from the packs in one round, in completion order."""
+
+    results: list[PackResult] = field(default_factory=list)
+    late_packs: list[int] = field(default_factory=list)  # missed the wall-clock deadline
+    failed_packs: list[int] = field(default_factory=list)  # the actor died; restarted for the next round
+    gather_s: float = 0.0  # time spent receiving results after the first one arrived
+
+
+class Runtime(ABC):
+    """Where the cloud and the device packs live. It moves data and never does math."""
+
+    @abstractmethod
+    def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:
+        """Create the cloud and one device pack per entry of `packs` (sorted device ids)."""
+
+    @abstractmethod
+    def cloud(self, method: str, *args: Any) -> Any:
+        """Call a CloudRole method and wait for its value."""
+
+    @abstractmethod
+    def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
+        """Have the cloud build the round's broadcast once, where every pack can read it; returns a handle."""
+
+    @abstractmethod
+    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
+        """Run the round's device step on the given packs and gather their results."""
+
+    @property
+    @abstractmethod
+    def num_cpus(self) -> int:
+        """CPUs available to device packs."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release what `start` created."""

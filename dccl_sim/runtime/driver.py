@@ -1,0 +1,295 @@
+"""The round loop, written once against `Runtime` (DESIGN.md §4–§6).
+
+Per round: sample participants (seeded, minus devices the deployment model makes unavailable or late), have the
+cloud broadcast once, run the device packs, update the cloud with what came back, evaluate, record. The loop
+only moves data and times phases; observers write records and checkpoints and show progress.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dccl_sim import metrics
+from dccl_sim.algorithms.protocol import concat_results
+from dccl_sim.config import SimConfig
+from dccl_sim.data.prepare import prepare_dataset
+from dccl_sim.data.store import read_meta
+from dccl_sim.models.training import seeded_generator
+from dccl_sim.runtime import latency
+from dccl_sim.runtime.base import Runtime
+from dccl_sim.runtime.observers import Observer
+from dccl_sim.runtime.placement import plan_packs
+from dccl_sim.runtime.records import RoundRecord
+
+
+@dataclass
+class RunState:
+    """Finished rounds with their per-device rows, and (when resuming) the cloud state to continue from."""
+
+    records: list[RoundRecord] = field(default_factory=list)
+    device_frames: list[dict[str, np.ndarray]] = field(default_factory=list)
+    cloud_state: dict | None = None
+
+    @property
+    def next_round(self) -> int:
+        return len(self.records)
+
+
+def sample_participants(seed: int, round_index: int, num_devices: int, fraction: float) -> np.ndarray:
+    """The round's participants: a seeded sample of round(fraction · N) devices (at least one), sorted."""
+    if fraction >= 1.0:
+        return np.arange(num_devices, dtype=np.int64)
+    count = max(1, round(fraction * num_devices))
+    rng = seeded_generator(seed, round_index, 0x5A3)
+    return np.sort(rng.choice(num_devices, size=count, replace=False)).astype(np.int64)
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return dict.fromkeys(("min", "p50", "p95", "max"), math.nan)
+    p50, p95 = np.percentile(values, [50, 95])
+    return {"min": float(values.min()), "p50": float(p50), "p95": float(p95), "max": float(values.max())}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def measure(self, name: str, start: float) -> None:
+        self.times[name] = time.perf_counter() - start
+
+
+def _notify(observers: Sequence[Observer], round_index: int, phase: str) -> None:
+    for observer in observers:
+        observer.on_phase(round_index, phase)
+
+
+def run_rounds(
+    config: SimConfig, runtime: Runtime, observers: Sequence[Observer] = (), state: RunState | None = None
+) -> RunState:
+    """Run rounds `state.next_round .. config.rounds - 1` and return the state with every finished round."""
+    state = state or RunState()
+    try:
+        _run(config, runtime, observers, state)
+    finally:
+        for observer in observers:
+            observer.on_end(state)
+    return state
+
+
+def _run(config: SimConfig, runtime: Runtime, observers: Sequence[Observer], state: RunState) -> None:
+    _notify(observers, state.next_round, "preparing data")
+    root = prepare_dataset(config.data, config.seed)
+    num_devices = read_meta(root).num_devices
+    packs = plan_packs(num_devices, config.runtime, runtime.num_cpus)
+    _notify(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
+    runtime.start(config, root, packs)
+    if state.cloud_state is None:
+        _notify(observers, state.next_round, "pretraining the cloud model")
+        runtime.cloud("pretrain", str(config.data.cache_dir.expanduser() / "pretrained"))
+    else:
+        runtime.cloud("load_state", state.cloud_state)
+    bucket_of_device = runtime.cloud("device_info")["bucket"]
+    model_floats, patch_floats = runtime.cloud("model_size")
+    download, upload = latency.transfer_bytes(config.strategy, model_floats, patch_floats, config.patch.k)
+    flops = latency.flops_per_sample(config, len(read_meta(root).profile_fields))
+    pack_of_device = np.concatenate([np.full(len(p), i) for i, p in enumerate(packs)])
+    for observer in observers:
+        observer.on_start(config, num_devices, len(packs), state.next_round)
+
+    for t in range(state.next_round, config.rounds):
+        round_start = time.perf_counter()
+        clock = _Clock()
+        # who takes part: seeded sample, minus unavailable devices, minus those the deployment model makes late
+        profiles = latency.draw_profiles(config.latency, config.seed, np.arange(num_devices), t)
+        sampled = sample_participants(config.seed, t, num_devices, config.runtime.participation)
+        sampled = sampled[profiles.available[sampled]]
+        counts = runtime.cloud("device_counts", t)
+        n_local, n_eval = counts["n_local"][sampled], counts["n_eval"][sampled]
+        planned = latency.device_flops(flops, latency.planned_samples_trained(config, n_local), n_local, n_eval)
+        planned_times = latency.device_times(_subset(profiles, sampled), planned, download, upload)
+        deadline = config.latency.deadline_s
+        late = planned_times > deadline if deadline is not None else np.zeros(len(sampled), dtype=bool)
+        participants = sampled[~late]
+
+        _notify(observers, t, "broadcast")
+        tic = time.perf_counter()
+        handle = runtime.broadcast(t, participants)
+        clock.measure("t_broadcast_s", tic)
+
+        _notify(observers, t, f"device step on {len(participants)} devices")
+        tic = time.perf_counter()
+        active_packs = sorted(set(pack_of_device[participants].tolist()))
+        phase = runtime.run_devices(handle, active_packs, config.runtime.deadline_s)
+        clock.measure("t_devices_s", tic)
+
+        _notify(observers, t, "cloud update")
+        tic = time.perf_counter()
+        cloud_stats = runtime.cloud("update", t, phase.results)
+        clock.measure("t_distill_s", tic)
+
+        _notify(observers, t, "evaluation")
+        tic = time.perf_counter()
+        evaluation: metrics.Evaluation = runtime.cloud("evaluate")
+        clock.measure("t_eval_s", tic)
+
+        columns = concat_results(phase.results)
+        ids = columns["device_id"].astype(np.int64)
+        work = latency.device_flops(flops, columns["samples_trained"], counts["n_local"][ids], counts["n_eval"][ids])
+        times = latency.device_times(_subset(profiles, ids), work, download, upload)
+        cloud_flops = 3.0 * (flops["features"] + flops["head"]) * float(counts["n_local"][ids].sum())
+        sim_round = (float(times.max()) if len(times) else 0.0) + cloud_flops / config.latency.cloud_flops
+
+        frame = _device_frame(t, sampled, late, planned_times, columns, times, bucket_of_device, evaluation)
+        record = _round_record(
+            config,
+            t,
+            num_devices,
+            sampled,
+            columns,
+            frame,
+            bucket_of_device,
+            evaluation,
+            clock.times,
+            cloud_stats,
+            sim_round,
+            phase.failed_packs,
+            phase.late_packs,
+            download,
+            upload,
+            download * len(participants),
+        )
+        record.t_gather_s = phase.gather_s
+        state.records.append(record)
+        state.device_frames.append(frame)
+        record.t_round_s = time.perf_counter() - round_start
+        cloud_state = runtime.cloud("state")
+        for observer in observers:
+            observer.on_round(record, state, cloud_state)
+
+
+def _subset(profiles: latency.DeviceProfiles, ids: np.ndarray) -> latency.DeviceProfiles:
+    return latency.DeviceProfiles(
+        profiles.flops[ids], profiles.down_bps[ids], profiles.up_bps[ids], profiles.available[ids]
+    )
+
+
+def _device_frame(
+    t: int,
+    sampled: np.ndarray,
+    late: np.ndarray,
+    planned_times: np.ndarray,
+    columns: dict[str, np.ndarray],
+    times: np.ndarray,
+    bucket_of_device: np.ndarray,
+    evaluation: metrics.Evaluation,
+) -> dict[str, np.ndarray]:
+    """One row per sampled device: results where they came back, NaN and straggler=True where they did not."""
+    n = len(sampled)
+    rows = np.searchsorted(sampled, columns["device_id"])
+    frame = {
+        "round": np.full(n, t, dtype=np.int64),
+        "device_id": sampled,
+        "bucket": bucket_of_device[sampled].astype(np.int64),
+        "n_train": np.zeros(n, dtype=np.int64),
+        "n_test": np.zeros(n, dtype=np.int64),
+        "start_auc": np.full(n, np.nan),
+        "device_auc": np.full(n, np.nan),
+        "cloud_auc": evaluation.device_auc[np.searchsorted(evaluation.device_ids, sampled)],
+        "gate_passed": np.zeros(n, dtype=bool),
+        "compute_s": np.full(n, np.nan),
+        "sim_time_s": planned_times.copy(),
+        "straggler": np.ones(n, dtype=bool),
+    }
+    for name in ("n_train", "n_test", "start_auc", "device_auc", "gate_passed", "compute_s"):
+        frame[name][rows] = columns[name]
+    frame["sim_time_s"][rows] = times
+    frame["straggler"][rows] = False
+    return frame
+
+
+def _round_record(
+    config: SimConfig,
+    t: int,
+    num_devices: int,
+    sampled: np.ndarray,
+    columns: dict[str, np.ndarray],
+    frame: dict[str, np.ndarray],
+    bucket_of_device: np.ndarray,
+    evaluation: metrics.Evaluation,
+    times: dict[str, float],
+    cloud_stats: dict[str, float],
+    sim_round: float,
+    failed_packs: list[int],
+    late_packs: list[int],
+    download: int,
+    upload: int,
+    broadcast_bytes: int,
+) -> RoundRecord:
+    tail = bucket_of_device[columns["device_id"].astype(np.int64)] == 0
+
+    def pooled(prefix: str, mask: np.ndarray | slice = slice(None)) -> dict[str, float]:
+        return metrics.summarize_devices(
+            columns["n_test"][mask],
+            columns[f"{prefix}_auc"][mask],
+            columns[f"{prefix}_hr"][mask],
+            columns[f"{prefix}_ndcg"][mask],
+            columns["n_queries"][mask],
+        )
+
+    start, device, tail_start, tail_device = (
+        pooled("start"),
+        pooled("device"),
+        pooled("start", tail),
+        pooled("device", tail),
+    )
+    cloud, tail_cloud = evaluation.overall, evaluation.buckets[0]
+    compute = _spread(columns["compute_s"])
+    return RoundRecord(
+        round=t,
+        strategy=config.strategy,
+        n_devices=num_devices,
+        n_participants=len(columns["device_id"]),
+        n_stragglers=int(frame["straggler"].sum()),
+        n_failed=len(failed_packs),
+        start_gauc=start["gauc"],
+        tail_start_gauc=tail_start["gauc"],
+        start_hr10=start["hr"],
+        start_ndcg10=start["ndcg"],
+        device_gauc=device["gauc"],
+        tail_device_gauc=tail_device["gauc"],
+        device_hr10=device["hr"],
+        device_ndcg10=device["ndcg"],
+        tail_device_hr10=tail_device["hr"],
+        tail_device_ndcg10=tail_device["ndcg"],
+        cloud_auc=cloud.auc,
+        cloud_gauc=cloud.gauc,
+        cloud_hr10=cloud.hr,
+        cloud_ndcg10=cloud.ndcg,
+        tail_cloud_gauc=tail_cloud.gauc,
+        tail_cloud_hr10=tail_cloud.hr,
+        tail_cloud_ndcg10=tail_cloud.ndcg,
+        gate_pass_rate=float(columns["gate_passed"].mean()) if len(columns["gate_passed"]) else math.nan,
+        t_broadcast_s=times["t_broadcast_s"],
+        t_devices_s=times["t_devices_s"],
+        t_gather_s=0.0,
+        t_distill_s=times["t_distill_s"],
+        t_eval_s=times["t_eval_s"],
+        t_checkpoint_s=0.0,
+        t_round_s=0.0,
+        sim_round_s=sim_round,
+        device_compute_min_s=compute["min"],
+        device_compute_p50_s=compute["p50"],
+        device_compute_p95_s=compute["p95"],
+        device_compute_max_s=compute["max"],
+        broadcast_bytes=broadcast_bytes,
+        upload_bytes_per_device=upload,
+        download_bytes_per_device=download,
+        late_packs=len(late_packs),
+        **{key if key.startswith("cloud_") else f"cloud_{key}": float(value) for key, value in cloud_stats.items()},
+    )

@@ -1,0 +1,117 @@
+"""What hangs off the round loop: the run directory's records, checkpoints, and the progress display."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dccl_sim.config import SimConfig
+from dccl_sim.runtime.records import RoundRecord, write_devices, write_rounds
+
+if TYPE_CHECKING:
+    from dccl_sim.runtime.driver import RunState
+
+CHECKPOINTS_KEPT = 2
+
+
+class Observer:
+    """Hooks of the round loop; each does nothing unless overridden."""
+
+    def on_start(self, config: SimConfig, num_devices: int, num_packs: int, first_round: int) -> None:
+        """The runtime is up and the cloud is ready."""
+
+    def on_phase(self, round_index: int, phase: str) -> None:
+        """A phase of a round (or of start-up) begins."""
+
+    def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
+        """A round finished; `state` holds every finished round, `cloud_state` what resuming after it needs."""
+
+    def on_end(self, state: RunState) -> None:
+        """All rounds are done."""
+
+
+class RunDirectory(Observer):
+    """Writes `config.json`, `rounds.parquet`, `devices.parquet` and a checkpoint after every round, so a stopped
+    run keeps every finished round and `--resume` continues from the last one."""
+
+    def __init__(self, out_dir: Path, config: SimConfig) -> None:
+        self.out_dir = out_dir
+        self.config = config
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(config.to_json())
+
+    def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
+        tic = time.perf_counter()
+        write_devices(state.device_frames, str(self.out_dir / "devices.parquet"))
+        if (record.round + 1) % self.config.output.checkpoint_every == 0 or record.round + 1 == self.config.rounds:
+            save_checkpoint(self.out_dir, record.round, cloud_state)
+        record.t_checkpoint_s = time.perf_counter() - tic
+        record.t_round_s += record.t_checkpoint_s
+        write_rounds(state.records, str(self.out_dir / "rounds.parquet"))
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def save_checkpoint(out_dir: Path, round_index: int, cloud_state: dict) -> None:
+    folder = checkpoint_dir(out_dir)
+    folder.mkdir(exist_ok=True)
+    temp = folder / f"round-{round_index:04d}.pt.tmp"
+    torch.save({"round": round_index, "cloud": cloud_state}, temp)
+    temp.replace(folder / f"round-{round_index:04d}.pt")
+    for old in sorted(folder.glob("round-*.pt"))[:-CHECKPOINTS_KEPT]:
+        old.unlink()
+
+
+def latest_checkpoint(out_dir: Path) -> tuple[int, dict] | None:
+    files = sorted(checkpoint_dir(out_dir).glob("round-*.pt"))
+    if not files:
+        return None
+    saved = torch.load(files[-1], weights_only=False)
+    return saved["round"], saved["cloud"]
+
+
+class ProgressDisplay(Observer):
+    """A rich progress bar over rounds, with the current phase and each finished round's headline numbers."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("round {task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[phase]}"),
+            console=self.console,
+            transient=False,
+        )
+        self.task = None
+
+    def on_phase(self, round_index: int, phase: str) -> None:
+        if self.task is None:
+            self.console.log(phase)
+        else:
+            self.progress.update(self.task, phase=phase)
+
+    def on_start(self, config: SimConfig, num_devices: int, num_packs: int, first_round: int) -> None:
+        self.console.log(
+            f"{config.strategy} on {num_devices} devices in {num_packs} packs, "
+            f"rounds {first_round}..{config.rounds - 1} ({config.runtime.backend} runtime)"
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(config.strategy, total=config.rounds, completed=first_round, phase="")
+
+    def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
+        self.progress.update(self.task, advance=1, phase="")
+        self.progress.console.log(record.summary())
+
+    def on_end(self, state: RunState) -> None:
+        self.progress.stop()

@@ -1,0 +1,29 @@
+"""How devices are packed into actors: contiguous id ranges, so each pack reads only its own Parquet shards."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dccl_sim.config import RuntimeConfig
+
+
+def num_packs(num_devices: int, config: RuntimeConfig, cpus: int) -> int:
+    """`devices_per_actor = 1`: one actor per device; `auto`: `num_actors`, else about one actor per CPU."""
+    if config.devices_per_actor == "auto":
+        wanted = config.num_actors or cpus
+    else:
+        wanted = -(-num_devices // config.devices_per_actor)
+        if config.num_actors is not None and config.num_actors != wanted:
+            raise ValueError(
+                f"runtime.num_actors = {config.num_actors} contradicts devices_per_actor = {config.devices_per_actor} "
+                f"for {num_devices} devices ({wanted} actors); set only one of them"
+            )
+    return max(1, min(num_devices, wanted))
+
+
+def plan_packs(num_devices: int, config: RuntimeConfig, cpus: int) -> list[np.ndarray]:
+    """Split device ids 0..N-1 into contiguous, nearly equal packs."""
+    return [
+        np.asarray(p, dtype=np.int64)
+        for p in np.array_split(np.arange(num_devices), num_packs(num_devices, config, cpus))
+    ]

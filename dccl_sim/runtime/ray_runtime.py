@@ -1,0 +1,123 @@
+"""The Ray runtime: a CloudActor and DeviceActors wrapping the plain roles (DESIGN.md §5).
+
+The cloud's broadcast is the return value of one actor call, so it lands in the object store once and every
+pack reads it by reference (NumPy arrays zero-copy on a node). Results come back in completion order through
+`ray.wait`, under an optional wall-clock deadline. A pack whose actor dies is reported as failed for the round;
+Ray restarts the actor, which reloads its devices from Parquet (their meta-patches come from the cloud).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from dccl_sim.config import SimConfig
+from dccl_sim.runtime.base import DevicePhase, Runtime
+from dccl_sim.runtime.roles import CloudRole, DeviceRole
+
+CloudActor = ray.remote(num_cpus=0)(CloudRole)
+DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceRole)
+
+
+class RuntimeStartError(RuntimeError):
+    """Ray could not be started or joined; the message says why and what to try."""
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on a `host:port` (or `ray://host:port`) address nobody listens on."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeStartError(f"Ray address {address!r} is not of the form host:port")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise RuntimeStartError(
+            f"cannot reach a Ray cluster at {address} ({error}); start one with `ray start --head` or drop --address "
+            "to run on an embedded local Ray"
+        ) from None
+
+
+class RayRuntime(Runtime):
+    """Runs the roles as Ray actors: embedded local Ray by default, or an existing cluster at `address`."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
+        self._requested_cpus = num_cpus
+        self._started_ray = False
+        self._cloud = None
+        self._packs: list[Any] = []
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        if self.address:
+            check_reachable(self.address)
+            ray.init(address=self.address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=self._requested_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        self._started_ray = True
+
+    @property
+    def num_cpus(self) -> int:
+        self._init_ray()
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:
+        self._init_ray()
+        cpus = self.num_cpus
+        share = cpus / len(packs)
+        threads = config.runtime.torch_threads or max(1, int(share))
+        self._cloud = CloudActor.remote(config, dataset_root, config.runtime.torch_threads or cpus)
+        self._packs = [DeviceActor.options(num_cpus=share).remote(config, dataset_root, ids, threads) for ids in packs]
+
+    def cloud(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self._cloud, method).remote(*args))
+
+    def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
+        return self._cloud.broadcast.remote(round_index, participants)
+
+    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
+        phase = DevicePhase()
+        pending = {self._packs[index].train_round.remote(handle): index for index in packs}
+        start = time.perf_counter()
+        first = None
+        while pending:
+            timeout = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - start))
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not done:
+                phase.late_packs.extend(pending.values())
+                break
+            ref = done[0]
+            index = pending.pop(ref)
+            first = first if first is not None else time.perf_counter()
+            try:
+                phase.results.append(ray.get(ref))
+            except (RayActorError, RayTaskError) as error:
+                if isinstance(error, RayTaskError) and not isinstance(error.cause, RayActorError):
+                    raise
+                phase.failed_packs.append(index)
+        phase.gather_s = time.perf_counter() - first if first is not None else 0.0
+        return phase
+
+    def kill_pack(self, index: int) -> None:
+        """Kill a pack's actor (fault injection); Ray restarts it."""
+        ray.kill(self._packs[index], no_restart=False)
+
+    def shutdown(self) -> None:
+        for actor in [self._cloud, *self._packs]:
+            if actor is not None:
+                ray.kill(actor)
+        self._cloud, self._packs = None, []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

@@ -1,0 +1,109 @@
+"""The run directory's records: one row per round (`rounds.parquet`), one per device per round (`devices.parquet`).
+
+Column names are a public contract (README, "Outputs"). `start_*` is the broadcast model the devices
+personalized, `device_*` the personalized models, `cloud_*` the cloud model after the round's update;
+`tail_*` the long-tail activity bucket (bucket 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+DEVICE_RECORD_COLUMNS = (
+    "round",
+    "device_id",
+    "bucket",
+    "n_train",
+    "n_test",
+    "start_auc",
+    "device_auc",
+    "cloud_auc",
+    "gate_passed",
+    "compute_s",
+    "sim_time_s",
+    "straggler",
+)
+
+
+class RoundRecord(BaseModel):
+    """One round of a run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int
+    strategy: str
+    n_devices: int
+    n_participants: int
+    n_stragglers: int
+    n_failed: int
+    start_gauc: float
+    tail_start_gauc: float
+    start_hr10: float
+    start_ndcg10: float
+    device_gauc: float
+    tail_device_gauc: float
+    device_hr10: float
+    device_ndcg10: float
+    tail_device_hr10: float
+    tail_device_ndcg10: float
+    cloud_auc: float
+    cloud_gauc: float
+    cloud_hr10: float
+    cloud_ndcg10: float
+    tail_cloud_gauc: float
+    tail_cloud_hr10: float
+    tail_cloud_ndcg10: float
+    gate_pass_rate: float
+    t_broadcast_s: float
+    t_devices_s: float
+    t_gather_s: float
+    t_distill_s: float
+    t_eval_s: float
+    t_checkpoint_s: float
+    t_round_s: float
+    sim_round_s: float
+    device_compute_min_s: float
+    device_compute_p50_s: float
+    device_compute_p95_s: float
+    device_compute_max_s: float
+    broadcast_bytes: int
+    upload_bytes_per_device: int
+    download_bytes_per_device: int
+
+    def summary(self) -> str:
+        def show(value: float) -> str:
+            return "  —  " if math.isnan(value) else f"{value:.4f}"
+
+        return (
+            f"round {self.round}: GAUC start {show(self.start_gauc)} → device {show(self.device_gauc)}, "
+            f"cloud {show(self.cloud_gauc)} (tail {show(self.tail_cloud_gauc)}); "
+            f"{self.n_participants} devices, {self.n_stragglers} stragglers, {self.t_round_s:.1f} s"
+        )
+
+
+def write_rounds(records: list[RoundRecord], path: str) -> None:
+    rows = [record.model_dump() for record in records]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def read_rounds(path: str) -> list[RoundRecord]:
+    return [RoundRecord.model_validate(row) for row in pq.read_table(path).to_pylist()]
+
+
+def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
+    if not frames:
+        return
+    table = pa.table({name: np.concatenate([f[name] for f in frames]) for name in DEVICE_RECORD_COLUMNS})
+    pq.write_table(table, path)
+
+
+def read_devices_records(path: str) -> list[dict[str, np.ndarray]]:
+    table = pq.read_table(path)
+    rounds = table["round"].to_numpy()
+    columns = {name: table[name].to_numpy() for name in DEVICE_RECORD_COLUMNS}
+    return [{name: values[rounds == r] for name, values in columns.items()} for r in np.unique(rounds)]
