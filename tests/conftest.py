@@ -55,3 +55,13 @@ def synthetic_small() -> BuiltDataset:
     config = DataConfig(source="synthetic", num_devices=300, eval_negatives=19)
     raw = generate_synthetic(SyntheticConfig(num_items=300), 300, seed=0)
     return build_dataset(raw, config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray instance for the whole test session, with explicit CPUs; always shut down."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -88,6 +88,23 @@ def test_shapes_ranges_and_contract():
         assert len(np.unique(codes)) == ds.profile_cardinalities[name]
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_items": 3, "mean_interactions": 3.0},
+        {"candidates_per_choice": 1, "activity_sigma": 0.0, "zipf_exponent": 0.0},
+        {"num_items": 7, "num_categories": 1, "num_clusters": 1, "latent_dim": 1, "drift": 0.0},
+        {"num_items": 40, "zipf_exponent": 4.0, "mean_interactions": 40.0, "personal_deviation": 0.0},
+    ],
+)
+def test_edge_configs_still_give_valid_data(overrides):
+    ds = generate_synthetic(SyntheticConfig(**overrides), 300, 1)
+    assert counts(ds).min() >= 3
+    keys = ds.user_id * len(ds.item_ids) + ds.item_id
+    assert len(np.unique(keys)) == len(keys)
+    assert (np.diff(ds.timestamp)[np.diff(ds.user_id) == 0] > 0).all()
+
+
 def test_bad_arguments_raise_data_error():
     with pytest.raises(DataError, match="num_devices"):
         generate_synthetic(config(), 0, 0)

@@ -139,6 +139,8 @@ class DCCL(MetaPatchStrategy):
 
     def cloud_round(self, cloud: CloudSide, round_index: int, results: list[PackResult]) -> dict[str, float]:
         config, models = cloud.config, cloud.models
+        if not results:
+            return {"cloud_samples": 0.0}
         device_ids, theta = concat_theta(results)
         indices = cloud.round_indices(device_ids, round_index)
         rows = np.searchsorted(device_ids, cloud.data.sample_device[indices])

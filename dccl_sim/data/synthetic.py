@@ -33,10 +33,11 @@ The world it simulates:
   and ``region`` (10 values, from a flat-ish per-cluster distribution: weakly tied).
 
 Ids: users are ``0..num_devices-1``, items ``0..num_items-1`` (both int64); interactions come user by user, each
-user's in time order. Everything is derived from ``np.random.SeedSequence(seed)``: the same seed (and config)
-gives identical arrays. Users are generated in batches of about ``BATCH_ELEMENTS / num_items`` (each batch with
-its own child seed), so working memory stays small (tens of MB at the default config) besides the output, 24 bytes
-per interaction (about 0.5 GB for 10^6 users at the defaults).
+user's in time order. Everything is derived from ``np.random.SeedSequence(seed)``: the same seed and config give
+identical arrays (with the same numpy on the same kind of CPU: float rounding decides a near-tie now and then).
+Users are generated in batches of `BATCH_USERS` (fewer when `num_items` is large), each batch with its own child
+seed, so working memory stays small (tens of MB at the default config) besides the output, 24 bytes per
+interaction (about 0.5 GB for 10^6 users at the defaults).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class MetaPatch(nn.Module):
     def delta(self, layer: int, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """h_l(z) for a batch whose row n belongs to the device with meta-patch theta[n]."""
         u = torch.tanh(z @ self.down[layer].T)
-        outer = (u.unsqueeze(2) * theta.unsqueeze(1)).reshape(z.shape[0], -1)
+        outer = (u.unsqueeze(2) * theta.unsqueeze(1)).reshape(z.shape[0], self.rank * self.k)
         return outer @ self.basis[layer].T
 
     def patch(self, theta: torch.Tensor) -> HiddenPatch:

@@ -88,7 +88,7 @@ class RayRuntime(Runtime):
 
     def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
         phase = DevicePhase()
-        pending = {self._packs[index].train_round.remote(handle): index for index in packs}
+        pending = {self._submit(index, handle): index for index in packs}
         start = time.perf_counter()
         first = None
         while pending:
@@ -108,6 +108,9 @@ class RayRuntime(Runtime):
                 phase.failed_packs.append(index)
         phase.gather_s = time.perf_counter() - first if first is not None else 0.0
         return phase
+
+    def _submit(self, index: int, handle: Any) -> Any:
+        return self._packs[index].train_round.remote(handle)
 
     def kill_pack(self, index: int) -> None:
         """Kill a pack's actor (fault injection); Ray restarts it."""

@@ -1,0 +1,152 @@
+"""The round loop on both runtimes: placement invariance, resume, faults, deadlines, bad addresses."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dccl_sim.config import SimConfig, load_config
+from dccl_sim.runtime.driver import RunState, run_rounds, sample_participants
+from dccl_sim.runtime.local import LocalRuntime
+from dccl_sim.runtime.placement import plan_packs
+from dccl_sim.runtime.ray_runtime import RayRuntime, RuntimeStartError
+from dccl_sim.runtime.session import resume_state, run
+
+SMALL = [
+    "data.num_devices=8",
+    "data.eval_negatives=9",
+    "rounds=2",
+    "cloud.pretrain_epochs=1",
+    "patch.bootstrap_epochs=1",
+    "output.progress=false",
+]
+METRICS = ["start_gauc", "device_gauc", "cloud_gauc", "cloud_auc", "device_hr10", "cloud_ndcg10", "tail_cloud_gauc"]
+
+
+def small_config(tmp_path: Path, *overrides: str) -> SimConfig:
+    return load_config(None, [*SMALL, f"output.out_dir={tmp_path}", *overrides])
+
+
+def _tables(out_dir: Path):
+    rounds = pq.read_table(out_dir / "rounds.parquet").to_pydict()
+    devices = pq.read_table(out_dir / "devices.parquet").to_pydict()
+    return rounds, devices
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    rounds_a, devices_a = _tables(a)
+    rounds_b, devices_b = _tables(b)
+    for name in METRICS:
+        np.testing.assert_allclose(rounds_a[name], rounds_b[name], atol=1e-5, err_msg=name)
+    for name in ("device_id", "n_train", "n_test", "straggler", "gate_passed"):
+        assert devices_a[name] == devices_b[name], name
+    for name in ("start_auc", "device_auc", "cloud_auc", "sim_time_s"):
+        np.testing.assert_allclose(devices_a[name], devices_b[name], atol=1e-5, err_msg=name)
+
+
+def test_participants_are_seeded_and_sorted() -> None:
+    a = sample_participants(seed=1, round_index=2, num_devices=100, fraction=0.3)
+    assert len(a) == 30 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, sample_participants(1, 2, 100, 0.3))
+    assert not np.array_equal(a, sample_participants(1, 3, 100, 0.3))
+    assert len(sample_participants(0, 0, 5, 0.01)) == 1
+
+
+def test_packs_are_contiguous_ranges() -> None:
+    config = load_config(None, ["runtime.devices_per_actor=3"]).runtime
+    assert [p.tolist() for p in plan_packs(7, config, cpus=2)] == [[0, 1, 2], [3, 4], [5, 6]]
+    auto = load_config().runtime
+    assert len(plan_packs(943, auto, cpus=2)) == 2
+    assert len(plan_packs(1, auto, cpus=8)) == 1
+
+
+def test_local_run_writes_the_run_directory(tmp_path: Path) -> None:
+    config = small_config(tmp_path / "run", "runtime.backend=local")
+    state = run(config)
+    assert len(state.records) == 2
+    rounds, devices = _tables(tmp_path / "run")
+    assert rounds["round"] == [0, 1] and rounds["n_participants"] == [8, 8]
+    assert sorted(set(devices["device_id"])) == list(range(8))
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-0000.pt", "round-0001.pt"]
+    assert all(np.isfinite(rounds["cloud_gauc"])) and all(0.0 < v < 1.0 for v in rounds["cloud_gauc"])
+
+
+def test_placement_does_not_change_results(tmp_path: Path, ray_session) -> None:
+    local = small_config(tmp_path / "local", "runtime.backend=local")
+    run(local)
+    packed = small_config(tmp_path / "packed", "runtime.num_actors=2")
+    run(packed, runtime=RayRuntime())
+    one_per_device = small_config(tmp_path / "single", "runtime.devices_per_actor=1")
+    run(one_per_device, runtime=RayRuntime())
+    assert_same_results(tmp_path / "local", tmp_path / "packed")
+    assert_same_results(tmp_path / "local", tmp_path / "single")
+
+
+def test_resume_and_extend_equal_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = ["runtime.backend=local", "rounds=3", "data.windows=3"]
+    run(small_config(tmp_path / "straight", *common))
+    run(small_config(tmp_path / "stopped", *common[:1], "rounds=2", "data.windows=3"))
+    config, state = resume_state(tmp_path / "stopped", ["rounds=3"])
+    assert state.next_round == 2
+    run(config, state)
+    assert_same_results(tmp_path / "straight", tmp_path / "stopped")
+
+
+class KillingRuntime(RayRuntime):
+    """Kills pack 0's actor right after the first round's task is submitted to it: a real fault, mid-round."""
+
+    killed = False
+
+    def _submit(self, index, handle):
+        ref = super()._submit(index, handle)
+        if index == 0 and not self.killed:
+            self.killed = True
+            self.kill_pack(0)
+        return ref
+
+
+def test_a_killed_device_actor_is_restarted_and_the_run_finishes(tmp_path: Path, ray_session) -> None:
+    config = small_config(tmp_path / "faulty", "runtime.num_actors=2")
+    state = run(config, runtime=KillingRuntime())
+    first, second = state.records
+    assert first.n_failed == 1 and first.n_participants == 4 and first.n_stragglers == 4
+    assert second.n_failed == 0 and second.n_participants == 8
+
+
+def test_wall_clock_deadline_drops_late_packs(tmp_path: Path) -> None:
+    config = small_config(tmp_path / "late", "runtime.backend=local", "runtime.deadline_s=0.000001")
+    state = run(config)
+    assert all(r.n_participants == 0 and r.n_stragglers == 8 for r in state.records)
+
+
+def test_modelled_deadline_makes_slow_devices_stragglers(tmp_path: Path) -> None:
+    base = small_config(tmp_path / "all", "runtime.backend=local")
+    times = np.array(pq.read_table(_run_dir(base) / "devices.parquet")["sim_time_s"].to_pylist())
+    cut = float(np.median(times[:8]))
+    config = small_config(tmp_path / "cut", "runtime.backend=local", f"latency.deadline_s={cut}")
+    state = run(config)
+    assert 0 < state.records[0].n_stragglers < 8
+    assert state.records[0].n_participants + state.records[0].n_stragglers == 8
+
+
+def _run_dir(config: SimConfig) -> Path:
+    run(config)
+    return Path(config.output.out_dir)
+
+
+def test_unreachable_address_fails_fast() -> None:
+    start = time.perf_counter()
+    with pytest.raises(RuntimeStartError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
+        RayRuntime(address="127.0.0.1:1").num_cpus
+    assert time.perf_counter() - start < 30
+
+
+def test_run_state_counts_rounds() -> None:
+    assert RunState().next_round == 0
+    assert isinstance(LocalRuntime().num_cpus, int)
+    assert run_rounds is not None
