@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dccl_sim.config import SimConfig, load_config
-from dccl_sim.runtime.driver import RunState, run_rounds, sample_participants
-from dccl_sim.runtime.local import LocalRuntime
+from dccl_sim.runtime.driver import sample_participants
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.ray_runtime import RayRuntime, RuntimeStartError
 from dccl_sim.runtime.session import resume_state, run
@@ -141,12 +140,8 @@ def _run_dir(config: SimConfig) -> Path:
 
 def test_unreachable_address_fails_fast() -> None:
     start = time.perf_counter()
-    with pytest.raises(RuntimeStartError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
-        RayRuntime(address="127.0.0.1:1").num_cpus
+    with pytest.raises(RuntimeStartError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:1"):
+        _ = RayRuntime(address="127.0.0.1:1").num_cpus
     assert time.perf_counter() - start < 30
 
 
-def test_run_state_counts_rounds() -> None:
-    assert RunState().next_round == 0
-    assert isinstance(LocalRuntime().num_cpus, int)
-    assert run_rounds is not None
