@@ -62,9 +62,9 @@ def _summary_table(built) -> Table:
         mine = data.split == split
         table.add_row(f"{name} samples (positives)", f"{int(mine.sum()):,} ({int((mine & positives).sum()):,})")
     q = np.percentile(n, [50, 90])
-    table.add_row("interactions per device min / median / p90 / max", f"{n.min()} / {q[0]:g} / {q[1]:g} / {n.max()}")
+    table.add_row("interactions per device", f"min {n.min()}, median {q[0]:g}, p90 {q[1]:g}, max {n.max()}")
     if built.meta.dropped_users:
-        table.add_row("users left out (too few interactions or beyond num_devices)", f"{built.meta.dropped_users:,}")
+        table.add_row("users left out", f"{built.meta.dropped_users:,}")
     return table
 
 

@@ -60,7 +60,7 @@ class DataConfig(Section):
     valid_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrain_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     windows: PositiveInt = 5
-    min_interactions: Annotated[int, Field(ge=3)] = 5
+    min_interactions: Annotated[int, Field(ge=3)] = 3
     shard_size: PositiveInt = 1024
     synthetic: SyntheticConfig = SyntheticConfig()
 

@@ -143,5 +143,3 @@ def test_unreachable_address_fails_fast() -> None:
     with pytest.raises(RuntimeStartError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:1"):
         _ = RayRuntime(address="127.0.0.1:1").num_cpus
     assert time.perf_counter() - start < 30
-
-
