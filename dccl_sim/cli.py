@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -86,9 +87,48 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    console.print(f"[red]error[/]: `dccl-sim {args.command}` is not available in this version yet")
-    return 2
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dccl_sim import sweep
+
+    out = args.out or Path("runs/sweep")
+    devices = sweep.parse_devices(args.devices) if args.devices else None
+    points = sweep.build_grid(devices, list(args.set or []), args.config, out)
+    swept = list(points[0].values)
+    console.print(f"sweep: {len(points)} runs over {', '.join(swept) or 'no axis'} into {out}")
+    try:
+        rows = sweep.run_sweep(
+            points, out, on_row=lambda row: console.print(f"[green]finished[/] {row['run_dir']}: {row['wall_s']:.0f} s")
+        )
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished points are in {out / 'sweep.parquet'}")
+        return 130
+    table = Table(
+        title=f"sweep ({rows[0]['strategy']}): means over rounds",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    columns = sweep.table_columns(swept)
+    for header, _, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(format(row[name], spec) for _, name, spec in columns))
+    console.print(table)
+    console.print(f"written: {out / 'sweep.parquet'}, {out / 'sweep_latency.png'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dccl_sim.report import RunDirectoryError, write_report
+
+    try:
+        path = write_report(args.run_dir)
+    except RunDirectoryError as error:
+        console.print(f"[red]error[/]: {error}")
+        return 2
+    console.print(f"written: {path} and its plots")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,14 +155,14 @@ def parser() -> argparse.ArgumentParser:
     data.set_defaults(handler=cmd_data)
 
     sweep = commands.add_parser("sweep", help="run one configuration at several device counts")
-    sweep.add_argument("--devices")
+    sweep.add_argument("--devices", help="device counts, e.g. 10,100,1000 (sets data.num_devices)")
     common(sweep)
-    sweep.add_argument("--out", type=Path)
-    sweep.set_defaults(handler=cmd_not_yet)
+    sweep.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep)")
+    sweep.set_defaults(handler=cmd_sweep)
 
     report = commands.add_parser("report", help="write report.md and plots for a run directory")
     report.add_argument("run_dir", type=Path)
-    report.set_defaults(handler=cmd_not_yet)
+    report.set_defaults(handler=cmd_report)
     return root
 
 

@@ -65,17 +65,20 @@ class CloudModel(nn.Module):
         return self.item_embedding.weight + self.category_embedding(self.item_category)
 
     def _attention_logits(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # The first layer acts on [e_h, e_t, e_h - e_t, e_h * e_t]. Splitting its weight into the four blocks
-        # W_h, W_t, W_d, W_p gives, per sample n, hidden = e_h @ (W_h + W_d + diag(e_t) W_p)^T + (W_t - W_d) e_t + b:
-        # the same function as one batched matmul, without materializing the [N, L, 4d] concatenation.
+        # The first layer acts on [e_h, e_t, e_h - e_t, e_h * e_t]. Split its weight into the four blocks
+        # W_h, W_t, W_d, W_p: hidden = e_h (W_h + W_d)^T + (e_h * e_t) W_p^T + e_t (W_t - W_d)^T + b — the same
+        # function as two matmuls over the [N·L, d] history, without the [N, L, 4d] concatenation.
         first = self.attention_layers[0] if self.attention_layers else self.attention_out
         w_h, w_t, w_diff, w_prod = first.weight.chunk(4, dim=1)
-        per_sample = (w_h + w_diff).T.unsqueeze(0) + target.unsqueeze(2) * w_prod.T.unsqueeze(0)
-        bias = target @ (w_t - w_diff).T + first.bias
-        hidden = torch.baddbmm(bias.unsqueeze(1), history, per_sample)
+        n, length, d = history.shape
+        per_target = target @ (w_t - w_diff).T + first.bias
+        hidden = (history.reshape(n * length, d) @ (w_h + w_diff).T).addmm_(
+            (history * target.unsqueeze(1)).reshape(n * length, d), w_prod.T
+        )
+        hidden = hidden.view(n, length, -1).add_(per_target.unsqueeze(1))
         if not self.attention_layers:
             return hidden.squeeze(-1)
-        hidden = torch.relu(hidden)
+        hidden = hidden.relu_()
         for layer in self.attention_layers[1:]:
             hidden = torch.relu(layer(hidden))
         return self.attention_out(hidden).squeeze(-1)

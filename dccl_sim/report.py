@@ -1,0 +1,381 @@
+"""`dccl-sim report RUN_DIR`: a run directory's `report.md` with tables and PNG plots (DESIGN.md §7).
+
+Reads only what a run writes (`config.json`, `rounds.parquet`, `devices.parquet`), so it works on a finished, a
+stopped or a resumed run. Plots use matplotlib's Agg backend and are saved next to `report.md`:
+
+- `metrics.png`: GAUC per round of the start (broadcast), personalized device and cloud models; tail dashed.
+- `latency.png`: the measured phases of each round, stacked, with the modelled deployment round as a marker.
+- `device_times.png`: per-device measured compute time and modelled deployment time, over all rounds.
+- `personalization.png`: device AUC − start AUC by activity bucket, mean with 95% confidence intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+PLOTS = {
+    "metrics": "metrics.png",
+    "latency": "latency.png",
+    "device_times": "device_times.png",
+    "personalization": "personalization.png",
+}
+MODELS = (("start", "start (broadcast)", "tab:blue"), ("device", "device (personalized)", "tab:orange"))
+MODELS += (("cloud", "cloud (after update)", "tab:green"),)
+# The device phase's wall clock includes the gather (results arriving after the first), so the bar splits it.
+PHASES = (
+    ("broadcast", "t_broadcast_s"),
+    ("devices (to first result)", None),
+    ("gather", "t_gather_s"),
+    ("distill (cloud update)", "t_distill_s"),
+    ("eval", "t_eval_s"),
+    ("checkpoint", "t_checkpoint_s"),
+    ("other", None),
+)
+MAX_GAIN_ROUNDS = 5
+
+
+class RunDirectoryError(ValueError):
+    """A folder that is not a run directory, or one without a finished round."""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `run_dir/report.md` and its PNG plots; return the markdown file's path."""
+    run_dir = Path(run_dir)
+    config, rounds, devices = load_run(run_dir)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plots = [
+        ("GAUC per round", _plot_metrics(rounds, run_dir / PLOTS["metrics"])),
+        ("Measured round phases", _plot_latency(rounds, run_dir / PLOTS["latency"])),
+    ]
+    if devices is not None:
+        plots.append(("Per-device time", _plot_device_times(devices, config, run_dir / PLOTS["device_times"])))
+        gain = _plot_gain(devices, config, run_dir / PLOTS["personalization"])
+        plots.append(("Personalization gain by activity bucket", gain))
+    path = run_dir / "report.md"
+    path.write_text(_markdown(run_dir, config, rounds, devices, plots))
+    return path
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The saved config (as a dict), the rounds table and the devices table (None if absent), as numpy columns
+    sorted by round."""
+    if not run_dir.is_dir():
+        raise RunDirectoryError(f"{run_dir}: no such folder")
+    if not (run_dir / "config.json").is_file():
+        raise RunDirectoryError(f"{run_dir}: not a run directory (no config.json; make one with `dccl-sim run`)")
+    if not (run_dir / "rounds.parquet").is_file():
+        raise RunDirectoryError(f"{run_dir}: no finished round yet (no rounds.parquet)")
+    config = json.loads((run_dir / "config.json").read_text())
+    rounds = _columns(run_dir / "rounds.parquet")
+    if len(rounds.get("round", ())) == 0:
+        raise RunDirectoryError(f"{run_dir}: rounds.parquet holds no rounds")
+    order = np.argsort(rounds["round"], kind="stable")
+    rounds = {name: values[order] for name, values in rounds.items()}
+    devices_file = run_dir / "devices.parquet"
+    devices = _columns(devices_file) if devices_file.is_file() else None
+    return config, rounds, devices
+
+
+def _columns(path: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(path)
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _markdown(run_dir, config, rounds, devices, plots) -> str:
+    n = len(rounds["round"])
+    lines = [f"# dccl-sim report: `{run_dir.name}`", ""]
+    lines += [f"- **{key}**: {value}" for key, value in _header(config, rounds).items()]
+    lines += ["", f"Finished rounds: {n} of {config.get('rounds', '?')} configured.", ""]
+    lines += ["## Metrics per round", ""]
+    lines += [
+        "`start` is the broadcast model the devices began from, `device` the personalized on-device models, "
+        "`cloud` the cloud model after the round's update; `tail` is the least active bucket of devices (bucket 0). "
+        f"Evaluated on the `{_get(config, 'metrics.split', 'test')}` split with "
+        f"{_get(config, 'data.eval_negatives', '?')} negatives per positive.",
+        "",
+    ]
+    lines += _table(
+        rounds,
+        [
+            ("round", "round", "d"),
+            ("start GAUC", "start_gauc", ".4f"),
+            ("device GAUC", "device_gauc", ".4f"),
+            ("cloud GAUC", "cloud_gauc", ".4f"),
+            ("tail start GAUC", "tail_start_gauc", ".4f"),
+            ("tail device GAUC", "tail_device_gauc", ".4f"),
+            ("tail cloud GAUC", "tail_cloud_gauc", ".4f"),
+            ("gate pass rate", "gate_pass_rate", ".2f"),
+        ],
+    )
+    lines.append("")
+    ranking = [("round", "round", "d")]
+    for metric, label in (("hr10", "HR@10"), ("ndcg10", "NDCG@10")):
+        ranking += [(f"{model} {label}", f"{model}_{metric}", ".4f") for model in ("start", "device", "cloud")]
+        ranking += [(f"tail {model} {label}", f"tail_{model}_{metric}", ".4f") for model in ("device", "cloud")]
+    lines += [*_table(rounds, ranking), ""]
+    lines += ["## Latency per round", ""]
+    lines += [
+        "Measured wall-clock seconds of the simulator's phases (the device phase includes the gather: the time "
+        "after the first result arrived), per-device compute time, and the modelled deployment round "
+        "(`sim_round_s`: completion of the last device under the deadline plus the cloud's modelled time).",
+        "",
+    ]
+    lines += _table(
+        rounds,
+        [
+            ("round", "round", "d"),
+            ("participants", "n_participants", "d"),
+            ("stragglers", "n_stragglers", "d"),
+            ("broadcast s", "t_broadcast_s", ".3g"),
+            ("devices s", "t_devices_s", ".3g"),
+            ("gather s", "t_gather_s", ".3g"),
+            ("distill s", "t_distill_s", ".3g"),
+            ("eval s", "t_eval_s", ".3g"),
+            ("checkpoint s", "t_checkpoint_s", ".3g"),
+            ("round s", "t_round_s", ".3g"),
+            ("device compute p50 / p95 / max s", None, None),
+            ("modelled round s", "sim_round_s", ".3g"),
+        ],
+    )
+    lines += ["", "## Plots", ""]
+    for title, (filename, caption) in plots:
+        lines += [f"### {title}", "", f"![{title}]({filename})", "", caption, ""]
+    if devices is None:
+        lines += ["No devices.parquet in this run directory: per-device plots left out.", ""]
+    return "\n".join(lines)
+
+
+def _header(config: dict, rounds: dict[str, np.ndarray]) -> dict[str, str]:
+    def seconds(value: Any) -> str:
+        return "none" if value is None else f"{value:g} s"
+
+    participation = _get(config, "runtime.participation", 1.0)
+    return {
+        "strategy": str(rounds["strategy"][-1]),
+        "devices": f"{int(rounds['n_devices'][-1]):,} ({participation:.0%} sampled per round)",
+        "rounds": f"{len(rounds['round'])} (rounds {int(rounds['round'][0])}..{int(rounds['round'][-1])})",
+        "data": f"{_get(config, 'data.source')} (seed {config.get('seed')})",
+        "runtime": f"{_get(config, 'runtime.backend')}, devices_per_actor={_get(config, 'runtime.devices_per_actor')}",
+        "device step": (
+            f"local_epochs={_get(config, 'device.local_epochs')}, lr={_get(config, 'device.lr')}, "
+            f"gate={_get(config, 'device.gate')}, patch.k={_get(config, 'patch.k')}"
+        ),
+        "cloud": f"beta={_get(config, 'cloud.beta')}, pretrain_epochs={_get(config, 'cloud.pretrain_epochs')}",
+        "deadlines": (
+            f"simulator gather {seconds(_get(config, 'runtime.deadline_s'))}, "
+            f"modelled deployment {seconds(_get(config, 'latency.deadline_s'))}"
+        ),
+    }
+
+
+def _get(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _table(rounds: dict[str, np.ndarray], columns: list[tuple[str, str | None, str | None]]) -> list[str]:
+    present = [c for c in columns if c[1] is None or c[1] in rounds]
+    lines = ["| " + " | ".join(c[0] for c in present) + " |", "|" + "---:|" * len(present)]
+    for i in range(len(rounds["round"])):
+        cells = []
+        for _, name, spec in present:
+            if name is None:  # the compute spread, three columns in one cell
+                cells.append(" / ".join(_fmt(rounds[f"device_compute_{q}_s"][i], ".3g") for q in ("p50", "p95", "max")))
+            else:
+                cells.append(_fmt(rounds[name][i], spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(int(value) if spec == "d" else float(value), spec)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float = 7.0, height: float = 4.2, ncols: int = 1):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=120, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _round_axis(ax, round_numbers: np.ndarray) -> None:
+    ax.set_xlabel("round")
+    step = max(1, math.ceil(len(round_numbers) / 12))
+    ax.set_xticks(round_numbers[::step])
+
+
+def _plot_metrics(rounds, path: Path) -> tuple[str, str]:
+    from matplotlib.lines import Line2D
+
+    fig, ax = _figure(8.0, 4.2)
+    x = rounds["round"]
+    # colour says which model, line style which devices; start is drawn wide underneath, as device often sits on it
+    for (model, _, color), width in zip(MODELS, (4.0, 1.8, 1.8), strict=True):
+        alpha = 0.55 if model == "start" else 1.0
+        ax.plot(x, rounds[f"{model}_gauc"], color=color, marker="o", lw=width, alpha=alpha)
+        ax.plot(x, rounds[f"tail_{model}_gauc"], color=color, marker="s", ls="--", lw=width, alpha=alpha)
+    _round_axis(ax, x)
+    ax.set_ylabel("GAUC (per-device AUC,\nweighted by test samples)")
+    ax.set_title(f"GAUC per round — {rounds['strategy'][-1]}, {int(rounds['n_devices'][-1]):,} devices")
+    ax.grid(alpha=0.3)
+    models = [Line2D([], [], color=color, lw=3, label=label) for _, label, color in MODELS]
+    subsets = [
+        Line2D([], [], color="black", marker="o", label="all devices"),
+        Line2D([], [], color="black", marker="s", ls="--", label="long tail (bucket 0)"),
+    ]
+    ax.legend(handles=models + subsets, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+    return path.name, "Solid: all devices; dashed: the long-tail bucket (least active devices)."
+
+
+def _plot_latency(rounds, path: Path) -> tuple[str, str]:
+    fig, ax = _figure(8.0, 4.2)
+    x = rounds["round"]
+    parts = {label: rounds[name].astype(float) for label, name in PHASES if name is not None}
+    parts["devices (to first result)"] = rounds["t_devices_s"] - rounds["t_gather_s"]
+    parts["other"] = np.maximum(rounds["t_round_s"] - sum(parts.values()), 0.0)
+    bottom = np.zeros(len(x))
+    colors = ("tab:purple", "tab:orange", "tab:red", "tab:green", "tab:blue", "tab:gray", "lightgray")
+    for (label, _), color in zip(PHASES, colors, strict=True):
+        ax.bar(x, parts[label], bottom=bottom, color=color, label=label, width=0.7)
+        bottom += parts[label]
+    ax.scatter(
+        x, rounds["sim_round_s"], color="black", marker="D", zorder=3, label="modelled deployment\nround (sim_round_s)"
+    )
+    _round_axis(ax, x)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("seconds (wall clock)")
+    ax.set_title("Measured round phases (stacked)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+    caption = (
+        "Bars: the simulator's measured wall clock per phase ('other' is the rest of `t_round_s`: sampling, "
+        "bookkeeping, records). Diamonds: the modelled deployment round latency (`sim_round_s`)."
+    )
+    return path.name, caption
+
+
+def _log_bins(values: np.ndarray, count: int = 30) -> np.ndarray:
+    low, high = values.min(), values.max()
+    if high <= low * 1.01:
+        low, high = low / 1.5, high * 1.5
+    return np.geomspace(low, high, count + 1)
+
+
+def _plot_device_times(devices, config, path: Path) -> tuple[str, str]:
+    fig, axes = _figure(9.0, 3.8, ncols=2)
+    finished = ~devices["straggler"].astype(bool)
+    series = (
+        ("measured compute time (simulator)", devices["compute_s"][finished], "tab:blue"),
+        ("modelled deployment time", devices["sim_time_s"], "tab:orange"),
+    )
+    for ax, (label, values, color) in zip(axes, series, strict=True):
+        values = values[np.isfinite(values) & (values > 0)]
+        if len(values) == 0:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.hist(values, bins=_log_bins(values), color=color, alpha=0.85)
+            median = float(np.median(values))
+            ax.axvline(median, color="black", ls=":", label=f"median {median:.3g} s")
+            ax.set_xscale("log")
+        ax.set_xlabel("seconds per device per round (log scale)")
+        ax.set_ylabel("device-rounds")
+        ax.set_title(f"{label}, n={len(values):,}", fontsize=10)
+        ax.grid(alpha=0.3)
+    deadline = _get(config, "latency.deadline_s")
+    if deadline is not None:
+        axes[1].axvline(deadline, color="red", ls="--", label=f"deadline {deadline:g} s")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    rounds_seen = len(np.unique(devices["round"]))
+    fig.suptitle(f"Per-device time, {len(devices['round']):,} device-rounds over {rounds_seen} round(s)")
+    _save(fig, path)
+    caption = (
+        "Left: each device's share of its pack's measured compute time (stragglers left out). Right: the "
+        "deployment model's time (download + training FLOPs / device speed + upload), stragglers included."
+    )
+    return path.name, caption
+
+
+def _bucket_labels(config: dict, counts: np.ndarray) -> list[str]:
+    """`b: low%–high%` from the configured quantiles (when they match), the device count, and the tail marked."""
+    quantiles = [0.0, *_get(config, "metrics.bucket_quantiles", []), 1.0]
+    labels = []
+    for b, count in enumerate(counts):
+        span = f": {quantiles[b]:.0%}–{quantiles[b + 1]:.0%}" if len(quantiles) == len(counts) + 1 else ""
+        labels.append(f"{b}{span}\nn={count}")
+    labels[0] += " (long tail)"
+    return labels
+
+
+def _plot_gain(devices, config, path: Path) -> tuple[str, str]:
+    fig, ax = _figure()
+    gain = devices["device_auc"] - devices["start_auc"]
+    buckets = devices["bucket"].astype(int)
+    count = int(buckets.max()) + 1 if len(buckets) else 1
+    all_rounds = np.unique(devices["round"])
+    picks = np.unique(np.linspace(0, len(all_rounds) - 1, min(MAX_GAIN_ROUNDS, len(all_rounds))).round())
+    shown = all_rounds[picks.astype(int)]
+    width = 0.8 / len(shown)
+    any_value = False
+    for i, r in enumerate(shown):
+        mean, half = np.full(count, np.nan), np.full(count, np.nan)
+        for b in range(count):
+            values = gain[(devices["round"] == r) & (buckets == b)]
+            values = values[np.isfinite(values)]
+            if len(values):
+                mean[b] = values.mean()
+                half[b] = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        any_value |= bool(np.isfinite(mean).any())
+        x = np.arange(count) - 0.4 + width * (i + 0.5)
+        ax.errorbar(x, mean, yerr=half, fmt="o", capsize=3, label=f"round {int(r)}")
+    ax.axhline(0.0, color="black", lw=0.8)
+    last = devices["round"] == shown[-1]
+    per_bucket = np.bincount(buckets[last & np.isfinite(gain)], minlength=count)
+    ax.set_xticks(np.arange(count), _bucket_labels(config, per_bucket))
+    ax.set_xlabel(f"activity bucket (quantile range of training interactions); n = devices in round {shown[-1]}")
+    ax.set_ylabel("AUC gain: device − start")
+    ax.set_title("Personalization gain per device, mean ± 95% CI")
+    ax.grid(axis="y", alpha=0.3)
+    finite = gain[np.isfinite(gain)]
+    if len(finite) and not finite.any():
+        note = "every device model equals the broadcast model it started from:\nno personalization in this run"
+        ax.text(0.5, 0.85, note, ha="center", transform=ax.transAxes, fontsize=9)
+    if any_value:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no personalized device models in this run", ha="center", transform=ax.transAxes)
+    _save(fig, path)
+    caption = (
+        "Per device: AUC of its personalized model minus AUC of the broadcast model it started from, on its own "
+        f"evaluation samples; rounds shown: {', '.join(str(int(r)) for r in shown)}."
+    )
+    return path.name, caption

@@ -1,0 +1,273 @@
+"""`dccl-sim sweep`: one configuration run over a grid of device counts and other settings (DESIGN.md §7).
+
+The grid is the product of `--devices 10,100,1000` (the `data.num_devices` axis) and every `--set KEY=A,B,...`
+whose value has commas and is not a YAML list or quoted (`--set runtime.num_actors=1,2`); other `--set` values
+apply to every point. The data source is `synthetic` unless the config file or a `--set` names one. Each point
+runs with `dccl_sim.runtime.session.run` into its own run directory, `OUT/devices=N[/KEY=VALUE...]`.
+
+`OUT/sweep.parquet` has one row per point (see `summarize_point`), `OUT/sweep_latency.png` plots round latency
+against device count, log-log.
+
+Peak memory. Each point runs in a fresh process (spawned), so `resource.getrusage` gives that point's own peak:
+`peak_rss_mb` is the ru_maxrss of the process that ran the driver, the cloud and, with the local runtime, every
+device; `peak_rss_children_mb` is the ru_maxrss of its largest terminated, reaped descendant. With the Ray runtime
+the actors are separate Ray worker processes: they are not summed anywhere here (getrusage reports the largest
+single child, not a sum, and only once it has exited and been waited for), so the sweep's peak memory under Ray
+is a lower bound (psutil, which could sample live workers, is not a dependency).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config, read_config_file
+
+DEVICES_KEY = "data.num_devices"
+PHASES = ("t_round_s", "t_devices_s", "t_distill_s", "t_eval_s", "t_broadcast_s", "t_gather_s", "t_checkpoint_s")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One grid point: the swept values (key → raw text, in axis order) and the config it runs."""
+
+    values: dict[str, str]
+    config: SimConfig
+
+
+def point_dir(values: dict[str, str]) -> str:
+    """A point's run directory under OUT: `devices=N`, then `KEY=VALUE` per other axis, nested."""
+    parts = [
+        f"devices={value}" if key == DEVICES_KEY else f"{key}={value.replace('/', '-')}"
+        for key, value in values.items()
+    ]
+    return "/".join(parts) or "base"
+
+
+def parse_devices(text: str) -> list[str]:
+    """`10,100,1000` → ['10', '100', '1000'], each a positive integer."""
+    values = [v.strip() for v in text.split(",")]
+    for value in values:
+        if not value.isdigit() or int(value) == 0:
+            raise ConfigError(f"--devices expects positive integers separated by commas, e.g. 10,100; got {text!r}")
+    return values
+
+
+def split_axes(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split `--set` overrides into those every point shares and sweep axes (key → raw values, in order).
+
+    A value is an axis when it has a comma and is not a YAML flow list or mapping (`[1,2]`, `{a: 1}`) or a
+    quoted string: `runtime.num_actors=1,2` is an axis, `model.mlp_hidden=[200,80]` is one value."""
+    fixed: list[str] = []
+    axes: dict[str, list[str]] = {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key, text = key.strip(), raw.strip()
+        if not sep or not key or "," not in text or text[0] in "[{'\"":
+            fixed.append(override)
+            continue
+        values = [v.strip() for v in text.split(",")]
+        if any(not v for v in values):
+            raise ConfigError(f"--set {key}: empty value in the sweep list {text!r}")
+        if key in axes:
+            raise ConfigError(f"--set {key}: swept twice; give all its values in one --set")
+        axes[key] = values
+    return fixed, axes
+
+
+def build_grid(
+    devices: list[str] | None,
+    overrides: list[str],
+    config_file: Path | None = None,
+    out_dir: Path = Path("runs/sweep"),
+) -> list[SweepPoint]:
+    """Every point's validated config, before anything runs (so a typo in the last point fails at once)."""
+    fixed, axes = split_axes(overrides)
+    if devices is not None:
+        if DEVICES_KEY in axes or any(o.partition("=")[0].strip() == DEVICES_KEY for o in fixed):
+            raise ConfigError(f"give device counts with --devices or --set {DEVICES_KEY}, not both")
+        axes = {DEVICES_KEY: devices, **axes}
+    base = read_config_file(config_file) if config_file is not None else {}
+    sets_source = "source" in base.get("data", {}) or any(o.partition("=")[0].strip() == "data.source" for o in fixed)
+    if "data.source" in axes:
+        sets_source = True
+    head = [] if sets_source else ["data.source=synthetic"]
+    points = []
+    for combination in itertools.product(*axes.values()):
+        values = dict(zip(axes, combination, strict=True))
+        point_overrides = head + fixed + [f"{key}={value}" for key, value in values.items()]
+        point_overrides.append(f"output.out_dir={out_dir / point_dir(values)}")
+        config = build_config(apply_overrides(base, point_overrides))
+        points.append(SweepPoint(values, config))
+    return points
+
+
+def _run_point(config_json: str) -> dict[str, float]:
+    """Run one point (in a fresh process) and return its peak memory in MiB (Linux reports ru_maxrss in KiB)."""
+    from dccl_sim.runtime.session import run
+
+    run(SimConfig.model_validate_json(config_json))
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
+        "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale,
+    }
+
+
+def summarize_point(run_dir: Path) -> dict[str, Any]:
+    """One sweep row from a finished run directory.
+
+    Latencies are means over the run's rounds. `devices_per_s` = Σ participants / Σ `t_devices_s` and
+    `samples_per_s` = Σ `n_train` / Σ `t_devices_s`: throughput of the simulator's device phase in wall-clock
+    time, where `n_train` is each participating device's positive training interactions in the round's window
+    (devices.parquet; the negatives sampled with them and repeated epochs are not counted)."""
+    rounds = pq.read_table(run_dir / "rounds.parquet")
+    devices = pq.read_table(run_dir / "devices.parquet")
+    col = {name: rounds[name].to_numpy() for name in rounds.column_names if name != "strategy"}
+    finished = ~devices["straggler"].to_numpy()
+    device_time = float(col["t_devices_s"].sum())
+    row: dict[str, Any] = {
+        "n_devices": int(col["n_devices"][-1]),
+        "rounds": len(col["round"]),
+        "strategy": rounds["strategy"][0].as_py(),
+        "mean_participants": float(col["n_participants"].mean()),
+    }
+    row |= {f"mean_{name}": float(col[name].mean()) for name in (*PHASES, "sim_round_s")}
+    row["devices_per_s"] = float(col["n_participants"].sum()) / device_time if device_time > 0 else math.nan
+    n_train = float(devices["n_train"].to_numpy()[finished].sum())
+    row["samples_per_s"] = n_train / device_time if device_time > 0 else math.nan
+    row["final_cloud_gauc"] = float(col["cloud_gauc"][-1])
+    row["final_device_gauc"] = float(col["device_gauc"][-1])
+    return row
+
+
+def run_sweep(
+    points: list[SweepPoint],
+    out_dir: Path,
+    isolate: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every point in order, writing `sweep.parquet` and the plot after each (a stopped sweep keeps what
+    finished). `isolate=False` runs points in this process; then peak memory is this process's high-water mark
+    so far, not the point's own."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for point in points:
+        tic = time.perf_counter()
+        if isolate:
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                memory = pool.submit(_run_point, point.config.model_dump_json()).result()
+        else:
+            memory = _run_point(point.config.model_dump_json())
+        wall = time.perf_counter() - tic
+        row = {key: _typed(point, key) for key in point.values}
+        row |= summarize_point(Path(point.config.output.out_dir))
+        row |= {"wall_s": wall, **memory, "run_dir": str(Path(point.config.output.out_dir))}
+        rows.append(row)
+        write_table(rows, out_dir / "sweep.parquet")
+        plot_latency(rows, list(point.values), out_dir / "sweep_latency.png")
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def _typed(point: SweepPoint, key: str) -> Any:
+    """A swept value as the config holds it (int, float, bool, str), for a typed Parquet column."""
+    node: Any = point.config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node if isinstance(node, bool | int | float | str) else str(yaml.safe_load(point.values[key]))
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    columns = {name: [row.get(name) for row in rows] for name in rows[0]}
+    arrays = {}
+    for name, values in columns.items():
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a swept key with mixed types, e.g. devices_per_actor=1,auto
+            arrays[name] = pa.array([str(v) for v in values])
+    pq.write_table(pa.table(arrays), path)
+
+
+def plot_latency(rows: list[dict[str, Any]], swept: list[str], path: Path) -> None:
+    """Round latency against device count, log-log: one colour per combination of the other swept settings;
+    solid measured round, dotted measured device phase, dashed modelled deployment round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    others = [key for key in swept if key != DEVICES_KEY]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in others), []).append(row)
+    fig, ax = plt.subplots(figsize=(8.0, 4.5), dpi=120, layout="constrained")
+    styles = (("mean_t_round_s", "-", "o"), ("mean_t_devices_s", ":", "s"), ("mean_sim_round_s", "--", "^"))
+    colors = plt.get_cmap("tab10").colors
+    handles = []
+    for (values, members), color in zip(groups.items(), itertools.cycle(colors)):
+        members = sorted(members, key=lambda r: r["n_devices"])
+        x = np.array([r["n_devices"] for r in members])
+        for column, line, marker in styles:
+            ax.plot(x, [r[column] for r in members], color=color, ls=line, marker=marker)
+        if others:
+            label = ", ".join(f"{key}={value}" for key, value in zip(others, values, strict=True))
+            handles.append(Line2D([], [], color=color, lw=3, label=label))
+    handles += [
+        Line2D([], [], color="black", ls="-", marker="o", label="measured round (t_round_s)"),
+        Line2D([], [], color="black", ls=":", marker="s", label="measured device phase (t_devices_s)"),
+        Line2D([], [], color="black", ls="--", marker="^", label="modelled deployment round (sim_round_s)"),
+    ]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    counts = sorted({r["n_devices"] for r in rows})
+    ax.set_xticks(counts, [f"{c:,}" for c in counts])
+    ax.xaxis.set_minor_locator(NullLocator())
+    # plain-number labels, dense enough that a span under a decade still gets several
+    low, high = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if high / low > 10 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("devices (log scale)")
+    ax.set_ylabel("seconds per round, mean over rounds (log scale)")
+    ax.set_title(f"Round latency against device count — {rows[0]['strategy']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table_columns(swept: list[str]) -> list[tuple[str, str, str]]:
+    """(header, column, format) of the summary a terminal shows."""
+    columns = [(key.rsplit(".", 1)[-1], key, "") for key in swept if key != DEVICES_KEY]
+    return [
+        *columns,
+        ("devices", "n_devices", ","),
+        ("rounds", "rounds", ""),
+        ("round\ns", "mean_t_round_s", ".3g"),
+        ("device\ns", "mean_t_devices_s", ".3g"),
+        ("distill\ns", "mean_t_distill_s", ".3g"),
+        ("eval\ns", "mean_t_eval_s", ".3g"),
+        ("modelled\ns", "mean_sim_round_s", ".3g"),
+        ("devices\n/s", "devices_per_s", ".3g"),
+        ("samples\n/s", "samples_per_s", ".3g"),
+        ("RSS\nMiB", "peak_rss_mb", ",.0f"),
+    ]
