@@ -39,3 +39,32 @@ def test_data_command_writes_a_dataset_and_prints_a_summary(tmp_path: Path, caps
     assert read_meta(str(out)).num_devices == 200
     assert main(["data", "movielens", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "no such dataset directory or MovieLens file" in capsys.readouterr().out
+
+
+def test_ctrl_c_keeps_finished_rounds_and_resume_finishes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "run"
+    settings = ["data.num_devices=8", "data.eval_negatives=9", "rounds=4", "cloud.pretrain_epochs=1"]
+    settings += ["patch.bootstrap_epochs=1", "runtime.backend=local", "output.progress=false"]
+    command = [sys.executable, "-m", "dccl_sim.cli", "run", "--out", str(out)]
+    for setting in settings:
+        command += ["--set", setting]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "rounds.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    finished = pq.read_table(out / "rounds.parquet").num_rows
+    assert 1 <= finished <= 4
+    if finished < 4:  # interrupted mid-run: a clear message and exit code 130
+        assert process.returncode == 130, output
+        assert "continue with" in output and "--resume" in output
+    assert main(["run", "--resume", str(out), "--set", "output.progress=false"]) == 0
+    assert pq.read_table(out / "rounds.parquet")["round"].to_pylist() == [0, 1, 2, 3]

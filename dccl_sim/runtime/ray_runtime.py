@@ -58,10 +58,11 @@ class RayRuntime(Runtime):
         self._packs: list[Any] = []
 
     def _init_ray(self) -> None:
+        if self.address:
+            check_reachable(self.address)
         if ray.is_initialized():
             return
         if self.address:
-            check_reachable(self.address)
             ray.init(address=self.address, log_to_driver=True)
         else:
             ray.init(num_cpus=self._requested_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
