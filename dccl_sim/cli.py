@@ -71,6 +71,7 @@ def _summary_table(built) -> Table:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from dccl_sim.data.prepare import build, write_to
+    from dccl_sim.data.store import write_dataset
 
     extra = [f"data.source={args.source if args.source != 'movielens' else args.path}"]
     if args.source == "movielens" and not args.path:
@@ -81,7 +82,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     with console.status(f"building {args.source} samples"):
         built = build(config.data, config.seed)
     with console.status(f"writing Parquet to {args.out}"):
-        write_to(built, Path(args.out))
+        if "://" in args.out:  # a pyarrow filesystem URI: written in place, meta.json last marks it complete
+            write_dataset(built, args.out)
+        else:
+            write_to(built, Path(args.out))
     console.print(_summary_table(built))
     console.print(f"written to {args.out}; use it with --set data.source={args.out}")
     return 0
@@ -149,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="build a dataset directory (Parquet partitioned by device shard)")
     data.add_argument("source", choices=["ml100k", "synthetic", "movielens"])
     data.add_argument("path", nargs="?", help="MovieLens files (for `movielens`)")
-    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--out", required=True, help="a local folder or a pyarrow filesystem URI (s3://, gs://, ...)")
     data.add_argument("--devices", type=int, help="synthetic: how many devices; real data: keep the first N users")
     common(data)
     data.set_defaults(handler=cmd_data)

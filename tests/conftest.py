@@ -62,6 +62,6 @@ def ray_session():
     """One embedded Ray instance for the whole test session, with explicit CPUs; always shut down."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -68,3 +68,12 @@ def test_ctrl_c_keeps_finished_rounds_and_resume_finishes(tmp_path: Path) -> Non
         assert "continue with" in output and "--resume" in output
     assert main(["run", "--resume", str(out), "--set", "output.progress=false"]) == 0
     assert pq.read_table(out / "rounds.parquet")["round"].to_pylist() == [0, 1, 2, 3]
+
+
+def test_data_command_writes_to_a_filesystem_uri(tmp_path: Path) -> None:
+    from dccl_sim.data.store import read_devices
+
+    uri = f"file://{tmp_path}/uri-dataset"
+    assert main(["data", "synthetic", "--devices", "30", "--out", uri, "--set", "data.synthetic.num_items=100"]) == 0
+    assert read_meta(uri).num_devices == 30
+    assert read_devices(uri, [3, 4]).num_devices == 2

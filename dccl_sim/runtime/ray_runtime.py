@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
 
 from dccl_sim.config import SimConfig
 from dccl_sim.runtime.base import DevicePhase, Runtime
@@ -63,9 +63,21 @@ class RayRuntime(Runtime):
         if ray.is_initialized():
             return
         if self.address:
-            ray.init(address=self.address, log_to_driver=True)
+            try:
+                ray.init(address=self.address, log_to_driver=True)
+            except (AuthenticationError, ConnectionError) as error:
+                raise RuntimeStartError(
+                    f"could not join the Ray cluster at {self.address}: {error}. A cluster with token authentication "
+                    "needs `export RAY_AUTH_MODE=token` (and its token) for the driver too; see cluster/GUIDE.md"
+                ) from None
         else:
-            ray.init(num_cpus=self._requested_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+            # address="local": always a new embedded instance, never a `ray start` cluster found on this machine
+            ray.init(
+                address="local",
+                num_cpus=self._requested_cpus or os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=True,
+            )
         self._started_ray = True
 
     @property
@@ -78,8 +90,14 @@ class RayRuntime(Runtime):
         cpus = self.num_cpus
         share = cpus / len(packs)
         threads = config.runtime.torch_threads or max(1, int(share))
-        self._cloud = CloudActor.remote(config, dataset_root, config.runtime.torch_threads or cpus)
-        self._packs = [DeviceActor.options(num_cpus=share).remote(config, dataset_root, ids, threads) for ids in packs]
+        # the cloud asks Ray for no CPU (it works while the devices wait); torch picks its node's cores by default
+        self._cloud = CloudActor.remote(config, dataset_root, config.runtime.torch_threads)
+        # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a restarted actor
+        # never depends on a large argument still being in the object store
+        self._packs = [
+            DeviceActor.options(num_cpus=share).remote(config, dataset_root, range(ids[0], ids[-1] + 1), threads)
+            for ids in packs
+        ]
 
     def cloud(self, method: str, *args: Any) -> Any:
         return ray.get(getattr(self._cloud, method).remote(*args))

@@ -73,7 +73,7 @@ class DeviceRole:
     """A pack of devices: reads only their samples from the dataset's Parquet shards and runs their steps."""
 
     def __init__(
-        self, config: SimConfig, dataset_root: str, device_ids: np.ndarray, torch_threads: int | None = None
+        self, config: SimConfig, dataset_root: str, device_ids: np.ndarray | range, torch_threads: int | None = None
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
