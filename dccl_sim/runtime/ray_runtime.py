@@ -22,6 +22,7 @@ from dccl_sim.runtime.base import DevicePhase, Runtime
 from dccl_sim.runtime.roles import CloudRole, DeviceRole
 
 CloudActor = ray.remote(num_cpus=0)(CloudRole)
+CLOUD_USES_NODE_CPUS = -1
 DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceRole)
 
 
@@ -90,8 +91,9 @@ class RayRuntime(Runtime):
         cpus = self.num_cpus
         share = cpus / len(packs)
         threads = config.runtime.torch_threads or max(1, int(share))
-        # the cloud asks Ray for no CPU (it works while the devices wait); torch picks its node's cores by default
-        self._cloud = CloudActor.remote(config, dataset_root, config.runtime.torch_threads)
+        # the cloud asks Ray for no CPU (it works while the devices wait) and uses all of its node's cores: Ray
+        # would otherwise pin the actor's torch to one thread
+        self._cloud = CloudActor.remote(config, dataset_root, config.runtime.torch_threads or CLOUD_USES_NODE_CPUS)
         # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a restarted actor
         # never depends on a large argument still being in the object store
         self._packs = [
