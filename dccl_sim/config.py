@@ -98,11 +98,16 @@ class ModelConfig(Section):
 
 
 class PatchConfig(Section):
-    """MetaPatch sizes: k floats per device, bottleneck rank r per hidden layer."""
+    """MetaPatch sizes: k floats per device, bottleneck rank r per hidden layer. Bootstrapping G (DESIGN.md §4)
+    learns Θ, {A_l} and a per-user θ table (drawn N(0, bootstrap_init_std²), L2 `bootstrap_l2`) with Adam at
+    `bootstrap_lr`; `lr` is the patch-space update's (eq. 7) learning rate."""
 
     k: PositiveInt = 16
-    rank: PositiveInt = 4
-    bootstrap_epochs: Annotated[int, Field(ge=0)] = 2
+    rank: PositiveInt = 16
+    bootstrap_epochs: Annotated[int, Field(ge=0)] = 5
+    bootstrap_lr: PositiveFloat = 1e-2
+    bootstrap_init_std: NonNegativeFloat = 0.01
+    bootstrap_l2: NonNegativeFloat = 1e-2
     lr: PositiveFloat = 1e-3
 
 
@@ -110,24 +115,32 @@ class DeviceConfig(Section):
     """The device step (eq. 3) and its gate; `model_lr` is for strategies that train full models (fedavg,
     local_finetune)."""
 
-    local_epochs: PositiveInt = 1
+    local_epochs: PositiveInt = 2
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-2
     model_lr: PositiveFloat = 1e-3
     l2: NonNegativeFloat = 1e-4
     gate: bool = True
-    gate_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    gate_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
 
 
 class CloudConfig(Section):
-    """Cloud training: pretraining, per-round fine-tuning / MoMoDistill (eq. 5), the patch-space update (eq. 7)."""
+    """Cloud training: pretraining, per-round fine-tuning / MoMoDistill (eq. 5), the patch-space update (eq. 7).
 
-    pretrain_epochs: Annotated[int, Field(ge=0)] = 3
-    finetune_epochs: Annotated[int, Field(ge=0)] = 1
+    MoMoDistill's weight in round t is `beta * beta_decay**t` (annealing when below 1). `teacher_weighting` says
+    which teachers count: `uniform` (eq. 5 as written), `patched` (only devices that uploaded a non-zero
+    meta-patch: one that fell back to θ̂ = 0 is the stale broadcast model itself) or `confidence` (each sample
+    weighted by how far the device's patch moved its prediction, |p_m(x) − σ(f(x; W_t))|, normalized to mean 1
+    over the patched samples)."""
+
+    pretrain_epochs: Annotated[int, Field(ge=0)] = 6
+    finetune_epochs: Annotated[int, Field(ge=0)] = 3
     batch_size: PositiveInt = 1024
     lr: PositiveFloat = 1e-3
-    beta: NonNegativeFloat = 0.1
+    beta: NonNegativeFloat = 0.3
+    beta_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     temperature: PositiveFloat = 1.0
+    teacher_weighting: Literal["uniform", "patched", "confidence"] = "confidence"
     patch_epochs: Annotated[int, Field(ge=0)] = 1
 
 

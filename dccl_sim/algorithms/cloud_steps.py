@@ -84,13 +84,17 @@ def bootstrap_patch(
     seed: int,
 ) -> list[float]:
     """Learn Θ and {A_l} with W frozen and a per-device θ table on the pretraining data (then the table is
-    discarded: every device starts from θ = 0). Returns the mean loss per epoch."""
+    discarded: every device starts from θ = 0). Returns the mean BCE per epoch.
+
+    The table starts near zero (`bootstrap_init_std`) and carries the devices' own L2 penalty (`bootstrap_l2`), so
+    Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
+    trained slowly leaves Θ fitted to noise (see experiments/results/strategies_*.md)."""
     z0 = first_hidden_of(model, data, indices, history_len)
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
     generator = torch.Generator().manual_seed(seed)
-    table = nn.Parameter(0.1 * torch.randn(data.num_devices, config.k, generator=generator))
-    optimizer = torch.optim.Adam([*patch.parameters(), table], lr=config.lr)
+    table = nn.Parameter(config.bootstrap_init_std * torch.randn(data.num_devices, config.k, generator=generator))
+    optimizer = torch.optim.Adam([*patch.parameters(), table], lr=config.bootstrap_lr)
     rng = seeded_generator(seed, 0xB007)
     frozen = _frozen(model)
     losses = []
@@ -100,10 +104,12 @@ def bootstrap_patch(
             total = 0.0
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                logits = model.head_from_first(z0[chunk], patch.patch(table[rows[chunk]]))
+                theta = table[rows[chunk]]
+                logits = model.head_from_first(z0[chunk], patch.patch(theta))
                 loss = functional.binary_cross_entropy_with_logits(logits, label[chunk])
+                penalty = config.bootstrap_l2 * theta.pow(2).sum(dim=1).mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss + penalty).backward()
                 optimizer.step()
                 total += float(loss.detach()) * len(chunk)
             losses.append(total / max(len(order), 1))
@@ -133,6 +139,32 @@ def finetune(
     )
 
 
+def distill_weight(config: CloudConfig, round_index: int) -> float:
+    """β_t = β · beta_decay^t: MoMoDistill's weight in round t."""
+    return config.beta * config.beta_decay**round_index
+
+
+@torch.no_grad()
+def teacher_weights(
+    weighting: str, teachers: torch.Tensor, base_logits: torch.Tensor, patched: torch.Tensor
+) -> torch.Tensor | None:
+    """Per-sample weights of the distillation term (None: uniform).
+
+    `base_logits` are the broadcast model's own logits f(x; W_t) on the same samples and `patched` says whether the
+    sample's device uploaded a non-zero meta-patch. `patched`: 1 for those samples, 0 otherwise; `confidence`:
+    |σ(teacher) − σ(base)|, how far personalization moved the prediction, normalized to mean 1 where non-zero.
+    """
+    if weighting == "uniform":
+        return None
+    if weighting == "patched":
+        return patched.to(teachers.dtype)
+    if weighting == "confidence":
+        moved = (torch.sigmoid(teachers) - torch.sigmoid(base_logits)).abs() * patched.to(teachers.dtype)
+        positive = moved > 0
+        return moved / moved[positive].mean() if positive.any() else moved
+    raise ValueError(f"unknown teacher weighting {weighting!r}; use uniform, patched or confidence")
+
+
 def momodistill_step(
     model: CloudModel,
     data: DeviceData,
@@ -141,17 +173,26 @@ def momodistill_step(
     config: CloudConfig,
     history_len: int,
     seed_keys: tuple[int, ...],
+    *,
+    beta: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> list[float]:
     """Eq. 5: train W on the round's data with BCE + β · KL_T(p_m ‖ σ(f(x; W))) against fixed teachers.
 
-    `teachers[i]` is the teacher logit of sample `indices[i]`; `indices` must be sorted.
+    `teachers[i]` is the teacher logit of sample `indices[i]` (and `weights[i]`, if given, its KL weight);
+    `indices` must be sorted. `beta` defaults to `config.beta`. With β = 0 this is `finetune` exactly: the same
+    minibatches in the same order, so a comparison with cloud_only is paired.
     """
-    if config.beta == 0:
+    beta = config.beta if beta is None else beta
+    if beta == 0:
         return finetune(model, data, indices, config, history_len, seed_keys)
 
     def distill(logits: torch.Tensor, batch: Batch, chunk: np.ndarray) -> torch.Tensor:
-        teacher = teachers[torch.from_numpy(np.searchsorted(indices, chunk))]
-        return config.beta * binary_kl_with_temperature(teacher, logits, config.temperature).mean()
+        position = torch.from_numpy(np.searchsorted(indices, chunk))
+        kl = binary_kl_with_temperature(teachers[position], logits, config.temperature)
+        if weights is not None:
+            kl = kl * weights[position]
+        return beta * kl.mean()
 
     return fit(
         model,

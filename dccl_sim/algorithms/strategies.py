@@ -18,12 +18,14 @@ from torch.nn import functional
 
 from dccl_sim.algorithms.cloud_side import CloudSide
 from dccl_sim.algorithms.cloud_steps import (
+    distill_weight,
     features_of,
     finetune,
     momodistill_step,
     patch_space_update,
     per_sample_theta,
     teacher_logits,
+    teacher_weights,
 )
 from dccl_sim.algorithms.device_side import DeviceSide, RoundSamples, Stopwatch
 from dccl_sim.algorithms.metapatch_step import metapatch_device_step
@@ -55,6 +57,11 @@ def _cloud_scores(side: DeviceSide, evaluation: RoundSamples) -> np.ndarray:
     return predict(side.models.cloud, side.data, evaluation.indices, history_len=side.config.data.history_len)
 
 
+def _finetune_keys(seed: int, round_index: int) -> tuple[int, ...]:
+    """Minibatch seed of the cloud's per-round update, shared by fine-tuning and MoMoDistill (paired comparisons)."""
+    return (seed, round_index, 0xC1)
+
+
 def _finetune_cloud(cloud: CloudSide, round_index: int, results: list[PackResult]) -> dict[str, float]:
     indices = cloud.round_indices(_received(results), round_index)
     losses = finetune(
@@ -63,7 +70,7 @@ def _finetune_cloud(cloud: CloudSide, round_index: int, results: list[PackResult
         indices,
         cloud.config.cloud,
         cloud.config.data.history_len,
-        (cloud.config.seed, round_index, 0xC1),
+        _finetune_keys(cloud.config.seed, round_index),
     )
     return {"cloud_loss": losses[-1] if losses else float("nan"), "cloud_samples": float(len(indices))}
 
@@ -147,8 +154,24 @@ class DCCL(MetaPatchStrategy):
         theta_of_sample = per_sample_theta(torch.from_numpy(theta), rows)
         history_len = config.data.history_len
         teachers = teacher_logits(models.cloud, models.patch, cloud.data, indices, theta_of_sample, history_len)
+        weights = None
+        if config.cloud.teacher_weighting != "uniform":
+            base = teacher_logits(
+                models.cloud, models.patch, cloud.data, indices, torch.zeros_like(theta_of_sample), history_len
+            )
+            patched = theta_of_sample.abs().sum(dim=1) > 0
+            weights = teacher_weights(config.cloud.teacher_weighting, teachers, base, patched)
+        # the same minibatch seed as cloud_only's fine-tuning: with β = 0 the cloud models are identical
         distill = momodistill_step(
-            models.cloud, cloud.data, indices, teachers, config.cloud, history_len, (config.seed, round_index, 0xD1)
+            models.cloud,
+            cloud.data,
+            indices,
+            teachers,
+            config.cloud,
+            history_len,
+            _finetune_keys(config.seed, round_index),
+            beta=distill_weight(config.cloud, round_index),
+            weights=weights,
         )
         patch = patch_space_update(
             models.cloud,

@@ -1,0 +1,265 @@
+"""MetaPatch, the packed device step, PackedAdam, MoMoDistill and strategy determinism (DESIGN.md §3–§4)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dccl_sim.algorithms.cloud_steps import (
+    binary_kl_with_temperature,
+    distill_weight,
+    finetune,
+    momodistill_step,
+    teacher_weights,
+)
+from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step, train_patches
+from dccl_sim.algorithms.packed_adam import PackedAdam
+from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, load_config
+from dccl_sim.data.device_data import SPLIT_TRAIN
+from dccl_sim.models.din import CloudModel
+from dccl_sim.models.metapatch import MetaPatch
+from dccl_sim.runtime.session import run
+
+K_PATCH, RANK = 16, 4
+
+
+def _models(seed: int = 0) -> tuple[CloudModel, MetaPatch]:
+    torch.manual_seed(seed)
+    model = CloudModel(30, 3, [2, 4], torch.arange(31) % 3, ModelConfig())
+    patch = MetaPatch(model.hidden_sizes, K_PATCH, RANK)
+    for module in (model, patch):
+        module.requires_grad_(False)
+        module.eval()
+    return model, patch
+
+
+def _samples(sizes: list[int], model: CloudModel, gate_frac: float = 0.3, seed: int = 0) -> LocalSamples:
+    """Synthetic z_0 rows for devices of the given sizes, with labels that depend on the device (so patches learn)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    z0 = torch.relu(torch.randn(total, model.hidden_sizes[0], generator=generator))
+    device = np.repeat(np.arange(len(sizes)), sizes)
+    bias = torch.from_numpy(np.where(device % 2 == 0, 1.0, -1.0)).float()
+    label = (torch.rand(total, generator=generator) < torch.sigmoid(bias * z0[:, :5].sum(1) / 5)).float()
+    ends = np.cumsum(sizes).astype(np.int64)
+    starts = ends - np.asarray(sizes, dtype=np.int64)
+    holdout = starts + np.floor((1 - gate_frac) * np.asarray(sizes)).astype(np.int64)
+    return LocalSamples(
+        z0=z0,
+        label=label,
+        starts=starts,
+        ends=ends,
+        holdout_start=holdout,
+        device_ids=np.arange(100, 100 + len(sizes), dtype=np.int64),
+    )
+
+
+def _one(samples: LocalSamples, m: int) -> LocalSamples:
+    """Device m alone, as a K = 1 pack."""
+    lo, hi = samples.starts[m], samples.ends[m]
+    return LocalSamples(
+        z0=samples.z0[lo:hi],
+        label=samples.label[lo:hi],
+        starts=np.array([0]),
+        ends=np.array([hi - lo]),
+        holdout_start=np.array([samples.holdout_start[m] - lo]),
+        device_ids=samples.device_ids[m : m + 1],
+    )
+
+
+# ---------------------------------------------------------------- MetaPatch invariants
+
+
+def test_zero_meta_patch_is_the_cloud_model_exactly() -> None:
+    model, patch = _models()
+    z0 = torch.relu(torch.randn(64, model.hidden_sizes[0]))
+    plain = model.head_from_first(z0)
+    patched = model.head_from_first(z0, patch.patch(torch.zeros(64, K_PATCH)))
+    assert torch.equal(plain, patched)
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in patch.up_matrices(torch.zeros(K_PATCH)))
+    theta = torch.randn(64, K_PATCH)
+    assert not torch.equal(plain, model.head_from_first(z0, patch.patch(theta)))
+
+
+def test_gradient_reaches_the_meta_patch_at_zero() -> None:
+    model, patch = _models()
+    z0 = torch.relu(torch.randn(64, model.hidden_sizes[0]))
+    theta = torch.zeros(64, K_PATCH, requires_grad=True)
+    label = (torch.arange(64) % 2).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model.head_from_first(z0, patch.patch(theta)), label)
+    loss.backward()
+    assert theta.grad is not None and theta.grad.abs().sum() > 0
+    assert (theta.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_device_step_changes_only_the_meta_patches() -> None:
+    model, patch = _models()
+    before = copy.deepcopy((model.state_dict(), patch.state_dict()))
+    samples = _samples([40, 120, 7], model)
+    config = DeviceConfig(gate=False, local_epochs=2)
+    result = metapatch_device_step(model, patch, samples, torch.zeros(3, K_PATCH), config, seed=0, round_index=0)
+    for module, state in zip((model, patch), before, strict=True):
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, state[name]), name
+    assert result.theta.shape == (3, K_PATCH) and (result.theta.abs().sum(dim=1) > 0).all()
+
+
+# ---------------------------------------------------------------- packed == per-device
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_packed_step_equals_single_device_steps(gate: bool) -> None:
+    model, patch = _models()
+    sizes = [1, 2, 5, 33, 150, 3000, 64]
+    samples = _samples(sizes, model)
+    config = DeviceConfig(gate=gate, local_epochs=2, batch_size=32)
+    start = 0.05 * torch.randn(len(sizes), K_PATCH, generator=torch.Generator().manual_seed(3))
+    packed = metapatch_device_step(model, patch, samples, start, config, seed=7, round_index=2)
+    for m in range(len(sizes)):
+        single = metapatch_device_step(model, patch, _one(samples, m), start[m : m + 1], config, seed=7, round_index=2)
+        torch.testing.assert_close(packed.theta[m : m + 1], single.theta, atol=1e-5, rtol=0)
+        assert packed.gate_passed[m] == single.gate_passed[0]
+        assert packed.steps[m] == single.steps[0]
+    assert packed.gate_passed.any() and packed.theta.abs().sum() > 0
+    if gate:  # a device with a single sample has no older data to try a patch on: it keeps the cloud model
+        assert not packed.gate_passed[0] and torch.equal(packed.theta[0], torch.zeros(K_PATCH))
+
+
+def test_train_patches_ignores_the_other_devices() -> None:
+    """A device's patch does not depend on which other devices share its pack."""
+    model, patch = _models()
+    samples = _samples([20, 500, 3], model)
+    config = DeviceConfig(local_epochs=3, batch_size=16)
+    keys = [(0, 0, int(d), 0) for d in samples.device_ids]
+    theta, steps = train_patches(
+        model, patch, samples, samples.starts, samples.ends, torch.zeros(3, K_PATCH), config, keys
+    )
+    alone, alone_steps = train_patches(
+        model, patch, _one(samples, 2), np.array([0]), np.array([3]), torch.zeros(1, K_PATCH), config, keys[2:]
+    )
+    torch.testing.assert_close(theta[2:], alone, atol=1e-5, rtol=0)
+    assert steps.tolist() == [6, 96, 3] and alone_steps.tolist() == [3]
+
+
+def test_packed_adam_equals_torch_adam_row_by_row() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows, width, lr = 5, 7, 3e-2
+    packed_param = torch.randn(rows, width, generator=generator)
+    singles = [packed_param[m].clone().requires_grad_(True) for m in range(rows)]
+    optimizers = [torch.optim.Adam([p], lr=lr) for p in singles]
+    packed = PackedAdam([packed_param], lr=lr)
+    for step in range(12):
+        active = torch.tensor([m for m in range(rows) if (m + step) % 3 != 0 or m == 0])
+        grad = torch.randn(rows, width, generator=generator)
+        packed_param.grad = grad.clone()
+        packed.step(active)
+        for m in active.tolist():
+            singles[m].grad = grad[m].clone()
+            optimizers[m].step()
+    for m in range(rows):
+        torch.testing.assert_close(packed_param[m], singles[m].detach(), atol=1e-6, rtol=1e-6)
+        assert float(packed.steps[m]) == float(optimizers[m].state[singles[m]]["step"])
+
+
+# ---------------------------------------------------------------- MoMoDistill
+
+
+def test_binary_kl_is_zero_for_identical_logits_and_positive_otherwise() -> None:
+    logits = torch.linspace(-6, 6, 25)
+    for temperature in (0.5, 1.0, 3.0):
+        same = binary_kl_with_temperature(logits, logits.clone(), temperature)
+        assert torch.allclose(same, torch.zeros_like(same), atol=1e-6)
+        other = binary_kl_with_temperature(logits, logits + 0.5, temperature)
+        assert (other > 0).all()
+    # the T² factor: for small differences KL_T ≈ T² · σ'(t/T) · (Δ/T)² / 2 stays comparable across T
+    zero, delta = torch.zeros(1, dtype=torch.float64), torch.full((1,), 1e-2, dtype=torch.float64)
+    small = [float(binary_kl_with_temperature(zero, delta, t)) for t in (1.0, 4.0)]
+    assert small[0] == pytest.approx(small[1], rel=1e-3) and small[0] == pytest.approx(0.25 * 1e-4 / 2, rel=1e-3)
+
+
+def test_teacher_weights() -> None:
+    teachers, base = torch.tensor([0.0, 1.0, 2.0, -1.0]), torch.tensor([0.0, 0.0, 2.5, -1.0])
+    patched = torch.tensor([True, True, True, False])
+    assert teacher_weights("uniform", teachers, base, patched) is None
+    assert teacher_weights("patched", teachers, base, patched).tolist() == [1.0, 1.0, 1.0, 0.0]
+    confidence = teacher_weights("confidence", teachers, base, patched)
+    assert confidence[0] == 0 and confidence[3] == 0 and confidence[1] > confidence[2] > 0
+    assert float(confidence[confidence > 0].mean()) == pytest.approx(1.0)
+    assert distill_weight(CloudConfig(beta=0.4, beta_decay=0.5), 2) == pytest.approx(0.1)
+
+
+def _cloud_model_for(built) -> CloudModel:
+    torch.manual_seed(0)
+    meta = built.meta
+    category = torch.from_numpy(built.item_category)
+    return CloudModel(meta.num_items, meta.num_categories, meta.profile_cardinalities, category, ModelConfig())
+
+
+def test_momodistill_with_zero_beta_is_plain_finetuning(synthetic_small) -> None:
+    data = synthetic_small.data
+    indices = np.flatnonzero(data.split == SPLIT_TRAIN)[:3000]
+    base = _cloud_model_for(synthetic_small)
+    config = CloudConfig(finetune_epochs=1, batch_size=256, beta=0.0)
+    teachers = torch.randn(len(indices))
+    plain, distilled, other = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    finetune(plain, data, indices, config, 20, (0, 1))
+    momodistill_step(distilled, data, indices, teachers, config, 20, (0, 1))
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, distilled.state_dict()[name]), name
+    momodistill_step(other, data, indices, teachers, config, 20, (0, 1), beta=1.0)
+    assert not torch.equal(other.output_layer.weight, plain.output_layer.weight)
+
+
+# ---------------------------------------------------------------- determinism of a whole run
+
+TINY = [
+    "runtime.backend=local",
+    "data.source=synthetic",
+    "data.num_devices=40",
+    "data.synthetic.num_items=150",
+    "data.eval_negatives=9",
+    "rounds=2",
+    "cloud.pretrain_epochs=1",
+    "cloud.finetune_epochs=1",
+    "patch.bootstrap_epochs=1",
+    "metrics.split=valid",
+    "output.progress=false",
+]
+COMPARED = ("start_gauc", "device_gauc", "cloud_gauc", "tail_device_gauc", "device_hr10", "cloud_ndcg10")
+
+
+def _tiny_run(tmp_path: Path, name: str, *overrides: str, cache: str | None = None):
+    cache_dir = tmp_path / (cache or name) / "cache"
+    config = load_config(None, [*TINY, f"data.cache_dir={cache_dir}", f"output.out_dir={tmp_path / name}", *overrides])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # float sums, hence results, depend on the thread count
+    try:
+        return run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dccl_run_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    """Two runs from scratch (separate caches: data, pretraining and bootstrap redone) agree exactly."""
+    a = _tiny_run(tmp_path, "a", "strategy=dccl")
+    b = _tiny_run(tmp_path, "b", "strategy=dccl")
+    for ra, rb in zip(a.records, b.records, strict=True):
+        for name in COMPARED:
+            assert getattr(ra, name) == getattr(rb, name), name
+    for fa, fb in zip(a.device_frames, b.device_frames, strict=True):
+        np.testing.assert_array_equal(fa["device_auc"], fb["device_auc"])
+        np.testing.assert_array_equal(fa["gate_passed"], fb["gate_passed"])
+    assert any(r.device_gauc != r.start_gauc for r in a.records)
+    other = _tiny_run(tmp_path, "c", "strategy=dccl", "seed=1")
+    assert [r.cloud_gauc for r in other.records] != [r.cloud_gauc for r in a.records]
+
+
+def test_dccl_with_zero_beta_has_cloud_only_cloud(tmp_path: Path) -> None:
+    """MoMoDistill with β = 0 is cloud_only's fine-tuning with the same minibatches: a paired comparison."""
+    cloud_only = _tiny_run(tmp_path, "cloud_only", "strategy=cloud_only", cache="shared")
+    dccl = _tiny_run(tmp_path, "dccl", "strategy=dccl", "cloud.beta=0", cache="shared")
+    assert [r.cloud_gauc for r in cloud_only.records] == [r.cloud_gauc for r in dccl.records]
