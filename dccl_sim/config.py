@@ -131,7 +131,10 @@ class CloudConfig(Section):
     which teachers count: `uniform` (eq. 5 as written), `patched` (only devices that uploaded a non-zero
     meta-patch: one that fell back to θ̂ = 0 is the stale broadcast model itself) or `confidence` (each sample
     weighted by how far the device's patch moved its prediction, |p_m(x) − σ(f(x; W_t))|, normalized to mean 1
-    over the patched samples)."""
+    over the patched samples). The patch-space update (eq. 7) fits the proxy σ(f(x; W_{t+1}, G, θ̃_m)) either to
+    the teachers themselves (`patch_target = teacher`, eq. 7 as written) or to `residual` targets
+    f(x; W_{t+1}) + [f(x; W_t, G_t, θ̂_m) − f(x; W_t)]: the devices' personalization carried onto the refreshed
+    cloud model, instead of pulling W_{t+1}'s predictions back to the stale W_t's."""
 
     pretrain_epochs: Annotated[int, Field(ge=0)] = 6
     finetune_epochs: Annotated[int, Field(ge=0)] = 3
@@ -142,6 +145,7 @@ class CloudConfig(Section):
     temperature: PositiveFloat = 1.0
     teacher_weighting: Literal["uniform", "patched", "confidence"] = "confidence"
     patch_epochs: Annotated[int, Field(ge=0)] = 1
+    patch_target: Literal["teacher", "residual"] = "teacher"
 
 
 class RuntimeConfig(Section):

@@ -27,6 +27,15 @@ from dccl_sim.runtime.session import run
 K_PATCH, RANK = 16, 4
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Exact comparisons need one thread: with several, CPU embedding backward sums in a varying order (1e-8)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _models(seed: int = 0) -> tuple[CloudModel, MetaPatch]:
     torch.manual_seed(seed)
     model = CloudModel(30, 3, [2, 4], torch.arange(31) % 3, ModelConfig())
@@ -235,12 +244,7 @@ COMPARED = ("start_gauc", "device_gauc", "cloud_gauc", "tail_device_gauc", "devi
 def _tiny_run(tmp_path: Path, name: str, *overrides: str, cache: str | None = None):
     cache_dir = tmp_path / (cache or name) / "cache"
     config = load_config(None, [*TINY, f"data.cache_dir={cache_dir}", f"output.out_dir={tmp_path / name}", *overrides])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums, hence results, depend on the thread count
-    try:
-        return run(config)
-    finally:
-        torch.set_num_threads(threads)
+    return run(config)
 
 
 def test_dccl_run_is_deterministic_for_a_seed(tmp_path: Path) -> None:

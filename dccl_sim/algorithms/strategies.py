@@ -153,12 +153,17 @@ class DCCL(MetaPatchStrategy):
         rows = np.searchsorted(device_ids, cloud.data.sample_device[indices])
         theta_of_sample = per_sample_theta(torch.from_numpy(theta), rows)
         history_len = config.data.history_len
+        no_patch = torch.zeros_like(theta_of_sample)
         teachers = teacher_logits(models.cloud, models.patch, cloud.data, indices, theta_of_sample, history_len)
+        # f(x; W_t): the broadcast model without patches, for the teacher weights and residual targets
+        needs_base = config.cloud.teacher_weighting != "uniform" or config.cloud.patch_target == "residual"
+        base = (
+            teacher_logits(models.cloud, models.patch, cloud.data, indices, no_patch, history_len)
+            if needs_base
+            else None
+        )
         weights = None
         if config.cloud.teacher_weighting != "uniform":
-            base = teacher_logits(
-                models.cloud, models.patch, cloud.data, indices, torch.zeros_like(theta_of_sample), history_len
-            )
             patched = theta_of_sample.abs().sum(dim=1) > 0
             weights = teacher_weights(config.cloud.teacher_weighting, teachers, base, patched)
         # the same minibatch seed as cloud_only's fine-tuning: with β = 0 the cloud models are identical
@@ -173,13 +178,18 @@ class DCCL(MetaPatchStrategy):
             beta=distill_weight(config.cloud, round_index),
             weights=weights,
         )
+        targets = teachers
+        if config.cloud.patch_target == "residual":
+            # the teachers' personalization f(x; W_t, G_t, θ̂) − f(x; W_t) on top of the refreshed W_{t+1}
+            refreshed = teacher_logits(models.cloud, models.patch, cloud.data, indices, no_patch, history_len)
+            targets = refreshed + (teachers - base)
         patch = patch_space_update(
             models.cloud,
             models.patch,
             models.encoder,
             cloud.data,
             indices,
-            teachers,
+            targets,
             theta_of_sample,
             config.cloud,
             config.patch,
