@@ -88,7 +88,7 @@ def bootstrap_patch(
 
     The table starts near zero (`bootstrap_init_std`) and carries the devices' own L2 penalty (`bootstrap_l2`), so
     Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
-    trained slowly leaves Θ fitted to noise (see experiments/results/strategies_*.md)."""
+    trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md)."""
     z0 = first_hidden_of(model, data, indices, history_len)
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
