@@ -185,7 +185,8 @@ def group_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> Gro
     return _group_auc_ordered(g, y, s, _group_score_order(g, s))
 
 
-def _weighted_gauc(auc_: np.ndarray, n_samples: np.ndarray) -> float:
+def pooled_gauc(auc_: np.ndarray, n_samples: np.ndarray) -> float:
+    """GAUC from per-group AUCs: Σ n_g · AUC_g / Σ n_g over the groups with a defined AUC (NaN if none)."""
     ok = ~np.isnan(auc_)
     total = n_samples[ok].sum()
     if total == 0:
@@ -197,7 +198,7 @@ def gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     """Group AUC: sum_g n_g * AUC_g / sum_g n_g over the groups g having both classes, n_g the group's sample
     count. NaN when no group has both classes."""
     per_group = group_auc(groups, labels, scores)
-    return _weighted_gauc(per_group.auc, per_group.n_samples)
+    return pooled_gauc(per_group.auc, per_group.n_samples)
 
 
 def _ranks_from_codes(query_code: np.ndarray, n_queries: int, y: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -329,7 +330,7 @@ def evaluate(
         r = ranks if query_mask is None else ranks[query_mask]
         return Metrics(
             auc=_single_group_auc(ss, ys),
-            gauc=_weighted_gauc(dev_auc, dev_n),
+            gauc=pooled_gauc(dev_auc, dev_n),
             hr=hit_rate_at_k(r, k),
             ndcg=ndcg_at_k(r, k),
             n_samples=len(ss),
@@ -360,7 +361,7 @@ def summarize_devices(
     has_queries = n_queries > 0
     total_queries = n_queries[has_queries].sum()
     return {
-        "gauc": _weighted_gauc(np.where(defined, auc_, np.nan), n_samples),
+        "gauc": pooled_gauc(np.where(defined, auc_, np.nan), n_samples),
         "hr": float((hr[has_queries] * n_queries[has_queries]).sum() / total_queries)
         if total_queries
         else float("nan"),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cli_args import csv_list
 from rich.console import Console
 from rich.table import Table
 
@@ -53,22 +54,12 @@ def metric_names(k: int) -> list[str]:
     return base + [f"tail_{name}" for name in base]
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds expects comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
-    return seeds
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
-    parser.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--seeds", type=csv_list(int), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(
         "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"training epochs (default {DEFAULT_EPOCHS})"
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_args import csv_list
 
 from dccl_sim.config import STRATEGIES, ConfigError, load_config
 from dccl_sim.runtime.session import run
@@ -57,25 +58,15 @@ FIELDS = (
 )
 
 
-def _csv(kind: type, text: str) -> list:
-    try:
-        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--strategies",
-        type=lambda text: _csv(str, text),
+        type=csv_list(str),
         default=list(DEFAULT_STRATEGIES),
         help=f"comma-separated strategies (default {','.join(DEFAULT_STRATEGIES)})",
     )
-    parser.add_argument("--seeds", type=lambda text: _csv(int, text), default=[0], help="comma-separated seeds")
+    parser.add_argument("--seeds", type=csv_list(int), default=[0], help="comma-separated seeds")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
     parser.add_argument("--split", choices=("valid", "test"), default="valid", help="evaluation split (default valid)")
     parser.add_argument(

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
+import central_baseline as script
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "central_baseline.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("central_baseline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_small_run_writes_expected_json(tmp_path: Path) -> None:
-    script = _load_script()
     out = tmp_path / "central.json"
     threads = torch.get_num_threads()
     try:
@@ -78,7 +68,6 @@ def test_small_run_writes_expected_json(tmp_path: Path) -> None:
 
 
 def test_bad_seeds_are_rejected() -> None:
-    script = _load_script()
     with pytest.raises(SystemExit):
         script.parse_args(["--seeds", "a,b"])
     assert script.parse_args(["--seeds", "3, 4"]).seeds == [3, 4]

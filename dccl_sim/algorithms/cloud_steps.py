@@ -12,7 +12,7 @@ from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
-from dccl_sim.models.training import fit, seeded_generator
+from dccl_sim.models.training import ExtraLoss, fit, seeded_generator
 
 
 def binary_kl_with_temperature(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):
@@ -125,8 +125,9 @@ def finetune(
     config: CloudConfig,
     history_len: int,
     seed_keys: tuple[int, ...],
+    extra_loss: ExtraLoss | None = None,
 ) -> list[float]:
-    """Plain BCE fine-tuning of W on the round's data (cloud_only's cloud step)."""
+    """Plain BCE fine-tuning of W on the round's data (cloud_only's cloud step), plus `extra_loss` if given."""
     return fit(
         model,
         data,
@@ -136,6 +137,7 @@ def finetune(
         lr=config.lr,
         history_len=history_len,
         seed_keys=seed_keys,
+        extra_loss=extra_loss,
     )
 
 
@@ -194,17 +196,7 @@ def momodistill_step(
             kl = kl * weights[position]
         return beta * kl.mean()
 
-    return fit(
-        model,
-        data,
-        indices,
-        epochs=config.finetune_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        history_len=history_len,
-        seed_keys=seed_keys,
-        extra_loss=distill,
-    )
+    return finetune(model, data, indices, config, history_len, seed_keys, extra_loss=distill)
 
 
 def patch_space_update(

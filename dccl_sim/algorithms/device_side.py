@@ -120,14 +120,15 @@ class DeviceSide:
         start_scores: np.ndarray,
         device_scores: np.ndarray,
         *,
-        gate_passed: np.ndarray,
         samples_trained: np.ndarray,
         elapsed_s: float,
         theta: np.ndarray | None = None,
         model_sum: dict[str, np.ndarray] | None = None,
         weight: float = 0.0,
+        gate_passed: np.ndarray | None = None,
     ) -> PackResult:
-        """Package per-device columns; the pack's compute time is shared out in proportion to training work."""
+        """Package per-device columns; the pack's compute time is shared out in proportion to training work.
+        `gate_passed` is all False for strategies without a gate."""
         k = self.config.metrics.k
         start = device_eval_columns(self.data, evaluation, device_ids, start_scores, k)
         device = device_eval_columns(self.data, evaluation, device_ids, device_scores, k)
@@ -146,7 +147,7 @@ class DeviceSide:
             "start_ndcg": start["ndcg"],
             "device_ndcg": device["ndcg"],
             "n_queries": device["n_queries"],
-            "gate_passed": gate_passed.astype(bool),
+            "gate_passed": np.zeros(len(device_ids), bool) if gate_passed is None else gate_passed.astype(bool),
             "samples_trained": samples_trained.astype(np.int64),
             "compute_s": share * elapsed_s,
         }

@@ -81,16 +81,9 @@ class CloudOnly(Strategy):
         side.load(broadcast)
         local, evaluation = side.local_samples(device_ids, broadcast.round), side.eval_samples(device_ids)
         scores = _cloud_scores(side, evaluation)
-        none = np.zeros(len(device_ids), dtype=np.int64)
+        untrained = np.zeros(len(device_ids), dtype=np.int64)
         return side.result(
-            device_ids,
-            local,
-            evaluation,
-            scores,
-            scores,
-            gate_passed=none,
-            samples_trained=none,
-            elapsed_s=clock.elapsed(),
+            device_ids, local, evaluation, scores, scores, samples_trained=untrained, elapsed_s=clock.elapsed()
         )
 
     def cloud_round(self, cloud: CloudSide, round_index: int, results: list[PackResult]) -> dict[str, float]:
@@ -277,7 +270,6 @@ class FedAvg(Strategy):
             evaluation,
             start,
             device,
-            gate_passed=np.zeros(len(device_ids), dtype=bool),
             samples_trained=trained,
             elapsed_s=clock.elapsed(),
             model_sum=model_sum,
@@ -337,7 +329,6 @@ class LocalFinetune(Strategy):
             evaluation,
             start,
             device,
-            gate_passed=np.zeros(len(device_ids), dtype=bool),
             samples_trained=trained,
             elapsed_s=clock.elapsed(),
         )
