@@ -181,6 +181,9 @@ class MetricsConfig(Section):
 
     split: Literal["valid", "test"] = "test"
     k: PositiveInt = 10
+    # evaluate a seeded sample of this many devices, the same every round (None: all). At 10^5+ devices scoring
+    # every device's 99 negatives per positive three times a round would dominate the round.
+    eval_devices: PositiveInt | None = None
     bucket_quantiles: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.25, 0.5, 0.75)
 
     @field_validator("bucket_quantiles")

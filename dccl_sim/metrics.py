@@ -58,6 +58,16 @@ class Evaluation:
     device_auc: np.ndarray
     k: int
 
+    def auc_of(self, device_ids: np.ndarray) -> np.ndarray:
+        """Per-device AUC of `device_ids`, NaN for devices that were not evaluated."""
+        out = np.full(len(device_ids), np.nan)
+        if len(self.device_ids) == 0:
+            return out
+        rows = np.minimum(np.searchsorted(self.device_ids, device_ids), len(self.device_ids) - 1)
+        found = self.device_ids[rows] == device_ids
+        out[found] = self.device_auc[rows[found]]
+        return out
+
     def as_dict(self, prefix: str) -> dict[str, float]:
         """Flat metrics, e.g. for prefix "cloud" and k=10: cloud_auc, cloud_gauc, cloud_hr10, cloud_ndcg10 and the
         same for the tail bucket (bucket 0) as tail_cloud_auc, tail_cloud_gauc, tail_cloud_hr10, tail_cloud_ndcg10."""
@@ -251,6 +261,15 @@ def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
     gains = np.zeros(len(ranks), dtype=np.float64)
     gains[hit] = 1.0 / np.log2(ranks[hit] + 2.0)
     return float(gains.mean())
+
+
+def evaluated_devices(seed: int, num_devices: int, cap: int | None) -> np.ndarray:
+    """The devices whose metrics a run reports, sorted: all of them, or a seeded sample of `cap` that depends only
+    on (seed, number of devices), so every round and every actor agree on it."""
+    if cap is None or cap >= num_devices:
+        return np.arange(num_devices, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xE7A1]))
+    return np.sort(rng.choice(num_devices, size=cap, replace=False)).astype(np.int64)
 
 
 def activity_buckets(activity: np.ndarray, quantiles: Sequence[float]) -> np.ndarray:

@@ -8,20 +8,16 @@ runs with `dccl_sim.runtime.session.run` into its own run directory, `OUT/device
 `OUT/sweep.parquet` has one row per point (see `summarize_point`), `OUT/sweep_latency.png` plots round latency
 against device count, log-log.
 
-Peak memory. Each point runs in a fresh process (spawned), so `resource.getrusage` gives that point's own peak:
-`peak_rss_mb` is the ru_maxrss of the process that ran the driver, the cloud and, with the local runtime, every
-device; `peak_rss_children_mb` is the ru_maxrss of its largest terminated, reaped descendant. With the Ray runtime
-the actors are separate Ray worker processes: they are not summed anywhere here (getrusage reports the largest
-single child, not a sum, and only once it has exited and been waited for), so the sweep's peak memory under Ray
-is a lower bound (psutil, which could sample live workers, is not a dependency).
+Peak memory. `peak_memory_mb` is the highest proportional set size of the process that ran the point and every
+process it started (an embedded Ray's raylet, object store and workers included), sampled in the background
+(`dccl_sim.runtime.memory`): the whole run, data preparation and pretraining included. Each point runs in a fresh
+(spawned) process so that one point's memory does not carry into the next.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +32,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config, read_config_file
+from dccl_sim.runtime.memory import MemoryMonitor
 
 DEVICES_KEY = "data.num_devices"
 PHASES = ("t_round_s", "t_devices_s", "t_distill_s", "t_eval_s", "t_broadcast_s", "t_gather_s", "t_checkpoint_s")
@@ -117,15 +114,12 @@ def build_grid(
 
 
 def _run_point(config_json: str) -> dict[str, float]:
-    """Run one point (in a fresh process) and return its peak memory in MiB (Linux reports ru_maxrss in KiB)."""
+    """Run one point (in a fresh process) and return its peak memory in MiB."""
     from dccl_sim.runtime.session import run
 
-    run(SimConfig.model_validate_json(config_json))
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # macOS reports bytes
-    return {
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
-        "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale,
-    }
+    with MemoryMonitor() as memory:
+        run(SimConfig.model_validate_json(config_json))
+        return {"peak_memory_mb": memory.take_peak()}
 
 
 def summarize_point(run_dir: Path) -> dict[str, Any]:
@@ -134,7 +128,8 @@ def summarize_point(run_dir: Path) -> dict[str, Any]:
     Latencies are means over the run's rounds. `devices_per_s` = Σ participants / Σ `t_devices_s` and
     `samples_per_s` = Σ `n_train` / Σ `t_devices_s`: throughput of the simulator's device phase in wall-clock
     time, where `n_train` is each participating device's positive training interactions in the round's window
-    (devices.parquet; the negatives sampled with them and repeated epochs are not counted)."""
+    (devices.parquet; the negatives sampled with them and repeated epochs are not counted). `max_round_memory_mb`
+    is the highest of the rounds' `peak_memory_mb` (setup and pretraining excluded)."""
     rounds = pq.read_table(run_dir / "rounds.parquet")
     devices = pq.read_table(run_dir / "devices.parquet")
     col = {name: rounds[name].to_numpy() for name in rounds.column_names if name != "strategy"}
@@ -150,6 +145,7 @@ def summarize_point(run_dir: Path) -> dict[str, Any]:
     row["devices_per_s"] = float(col["n_participants"].sum()) / device_time if device_time > 0 else math.nan
     n_train = float(devices["n_train"].to_numpy()[finished].sum())
     row["samples_per_s"] = n_train / device_time if device_time > 0 else math.nan
+    row["max_round_memory_mb"] = float(np.nanmax(col["peak_memory_mb"])) if "peak_memory_mb" in col else math.nan
     row["final_cloud_gauc"] = float(col["cloud_gauc"][-1])
     row["final_device_gauc"] = float(col["device_gauc"][-1])
     return row
@@ -162,8 +158,8 @@ def run_sweep(
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every point in order, writing `sweep.parquet` and the plot after each (a stopped sweep keeps what
-    finished). `isolate=False` runs points in this process; then peak memory is this process's high-water mark
-    so far, not the point's own."""
+    finished). `isolate=False` runs points in this process (the peak memory then includes what earlier points left
+    allocated)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for point in points:
@@ -269,5 +265,5 @@ def table_columns(swept: list[str]) -> list[tuple[str, str, str]]:
         ("modelled\ns", "mean_sim_round_s", ".3g"),
         ("devices\n/s", "devices_per_s", ".3g"),
         ("samples\n/s", "samples_per_s", ".3g"),
-        ("RSS\nMiB", "peak_rss_mb", ",.0f"),
+        ("memory\nMiB", "peak_memory_mb", ",.0f"),
     ]

@@ -373,3 +373,12 @@ def test_evaluate_validation():
         evaluate(np.array([0, 1, 1, 1]), queries, labels, scores, buckets, 2)
     with pytest.raises(ValueError, match="exactly one positive"):
         evaluate(np.zeros(4, dtype=int), np.array([1, 1, 1, 1]), labels, scores, buckets, 2)
+
+
+def test_auc_of_is_nan_for_devices_that_were_not_evaluated() -> None:
+    labels = np.array([1, 0, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.1, 0.2, 0.1, 0.5, 0.6])
+    devices = np.array([2, 2, 2, 5, 5, 5])
+    queries = np.array([0, 0, 0, 1, 1, 1])
+    evaluation = evaluate(devices, queries, labels, scores, np.zeros(7, dtype=np.int64), 1)
+    np.testing.assert_array_equal(evaluation.auc_of(np.array([0, 2, 5, 6])), [np.nan, 1.0, 0.0, np.nan])

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from dccl_sim import metrics
 from dccl_sim.config import SimConfig, load_config
 from dccl_sim.runtime.driver import sample_participants
 from dccl_sim.runtime.placement import plan_packs
@@ -73,6 +74,25 @@ def test_local_run_writes_the_run_directory(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-0000.pt", "round-0001.pt"]
     assert all(np.isfinite(rounds["cloud_gauc"])) and all(0.0 < v < 1.0 for v in rounds["cloud_gauc"])
+    assert all(100 < mb < 100_000 for mb in rounds["peak_memory_mb"])
+
+
+def test_eval_devices_evaluates_the_same_seeded_sample_every_round(tmp_path: Path) -> None:
+    config = small_config(tmp_path / "run", "runtime.backend=local", "strategy=dccl", "metrics.eval_devices=3")
+    run(config)
+    rounds, devices = _tables(tmp_path / "run")
+    chosen = metrics.evaluated_devices(config.seed, 8, 3)
+    assert len(chosen) == 3 and not np.array_equal(chosen, metrics.evaluated_devices(config.seed + 1, 8, 3))
+    ids, n_test = np.array(devices["device_id"]), np.array(devices["n_test"])
+    for r in (0, 1):
+        in_round = np.array(devices["round"]) == r
+        assert np.array_equal(np.sort(ids[in_round & (n_test > 0)]), chosen)
+        for name in ("start_auc", "device_auc", "cloud_auc"):
+            values = np.array(devices[name], dtype=float)[in_round]
+            assert np.isnan(values[~np.isin(ids[in_round], chosen)]).all(), name
+    # every device still trains: evaluation is sampled, participation is not
+    assert (np.array(devices["n_train"]) > 0).sum() > 3
+    assert all(np.isfinite(rounds["cloud_gauc"])) and all(np.isfinite(rounds["device_gauc"]))
 
 
 def test_placement_does_not_change_results(tmp_path: Path, ray_session) -> None:

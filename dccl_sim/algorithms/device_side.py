@@ -68,12 +68,14 @@ def device_eval_columns(
 class DeviceSide:
     """The devices of one pack: their local data, the broadcast models, and the step of the run's strategy."""
 
-    def __init__(self, config: SimConfig, spec: ModelSpec, data: DeviceData) -> None:
+    def __init__(self, config: SimConfig, spec: ModelSpec, data: DeviceData, evaluated: np.ndarray) -> None:
+        """`evaluated`: the (global, sorted) ids of the devices whose metrics the run reports."""
         self.config = config
         self.spec = spec
         self.data = data
         self.window = data.windows(config.data.windows, config.data.pretrain_frac)
-        self.eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
+        eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
+        self.eval_mask = (data.split == eval_split) & np.isin(data.sample_device, evaluated)
         self.models: Models = build_models(spec, config, config.seed)
         for module in (self.models.cloud, self.models.patch, self.models.encoder):
             module.requires_grad_(False)
@@ -90,7 +92,7 @@ class DeviceSide:
         return group_by_device(self.data, device_ids, mask)
 
     def eval_samples(self, device_ids: np.ndarray) -> RoundSamples:
-        return group_by_device(self.data, device_ids, self.data.split == self.eval_split)
+        return group_by_device(self.data, device_ids, self.eval_mask)
 
     def z0(self, samples: RoundSamples) -> torch.Tensor:
         return first_hidden_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)

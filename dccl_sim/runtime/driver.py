@@ -22,6 +22,7 @@ from dccl_sim.data.store import read_meta
 from dccl_sim.models.training import seeded_generator
 from dccl_sim.runtime import latency
 from dccl_sim.runtime.base import Runtime
+from dccl_sim.runtime.memory import MemoryMonitor
 from dccl_sim.runtime.observers import Observer
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.records import RoundRecord
@@ -75,14 +76,17 @@ def run_rounds(
     """Run rounds `state.next_round .. config.rounds - 1` and return the state with every finished round."""
     state = state or RunState()
     try:
-        _run(config, runtime, observers, state)
+        with MemoryMonitor() as memory:
+            _run(config, runtime, observers, state, memory)
     finally:
         for observer in observers:
             observer.on_end(state)
     return state
 
 
-def _run(config: SimConfig, runtime: Runtime, observers: Sequence[Observer], state: RunState) -> None:
+def _run(
+    config: SimConfig, runtime: Runtime, observers: Sequence[Observer], state: RunState, memory: MemoryMonitor
+) -> None:
     _notify(observers, state.next_round, "preparing data")
     root = prepare_dataset(config.data, config.seed)
     num_devices = read_meta(root).num_devices
@@ -102,6 +106,7 @@ def _run(config: SimConfig, runtime: Runtime, observers: Sequence[Observer], sta
     for observer in observers:
         observer.on_start(config, num_devices, len(packs), state.next_round)
 
+    memory.take_peak()  # setup and pretraining are not part of round 0's peak
     for t in range(state.next_round, config.rounds):
         round_start = time.perf_counter()
         clock = _Clock()
@@ -168,6 +173,7 @@ def _run(config: SimConfig, runtime: Runtime, observers: Sequence[Observer], sta
         state.records.append(record)
         state.device_frames.append(frame)
         record.t_round_s = time.perf_counter() - round_start
+        record.peak_memory_mb = memory.take_peak()
         cloud_state = runtime.cloud("state")
         for observer in observers:
             observer.on_round(record, state, cloud_state)
@@ -200,7 +206,7 @@ def _device_frame(
         "n_test": np.zeros(n, dtype=np.int64),
         "start_auc": np.full(n, np.nan),
         "device_auc": np.full(n, np.nan),
-        "cloud_auc": evaluation.device_auc[np.searchsorted(evaluation.device_ids, sampled)],
+        "cloud_auc": evaluation.auc_of(sampled),
         "gate_passed": np.zeros(n, dtype=bool),
         "compute_s": np.full(n, np.nan),
         "sim_time_s": planned_times.copy(),

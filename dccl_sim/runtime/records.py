@@ -74,6 +74,8 @@ class RoundRecord(BaseModel):
     broadcast_bytes: int
     upload_bytes_per_device: int
     download_bytes_per_device: int
+    # PSS of the driver and the processes it started (an embedded Ray's workers included); NaN in older runs
+    peak_memory_mb: float = math.nan
 
     def summary(self) -> str:
         def show(value: float) -> str:

@@ -28,6 +28,10 @@ def model_spec(dataset_root: str) -> ModelSpec:
     )
 
 
+def evaluated_devices(config: SimConfig, dataset_root: str) -> np.ndarray:
+    return metrics.evaluated_devices(config.seed, read_meta(dataset_root).num_devices, config.metrics.eval_devices)
+
+
 class CloudRole:
     """The cloud: its models and per-device state, the strategy's cloud step, evaluation and checkpoints."""
 
@@ -37,7 +41,9 @@ class CloudRole:
             torch.set_num_threads((os.cpu_count() or 1) if torch_threads == -1 else torch_threads)
         self.config = config
         self.strategy = get_strategy(config.strategy)
-        self.side = CloudSide(config, model_spec(dataset_root), read_devices(dataset_root))
+        self.side = CloudSide(
+            config, model_spec(dataset_root), read_devices(dataset_root), evaluated_devices(config, dataset_root)
+        )
 
     def pretrain(self, cache_dir: str | None) -> dict[str, float]:
         return self.side.pretrain(Path(cache_dir) if cache_dir else None)
@@ -82,7 +88,8 @@ class DeviceRole:
         self.config = config
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.strategy = get_strategy(config.strategy)
-        self.side = DeviceSide(config, model_spec(dataset_root), read_devices(dataset_root, self.device_ids))
+        data = read_devices(dataset_root, self.device_ids)
+        self.side = DeviceSide(config, model_spec(dataset_root), data, evaluated_devices(config, dataset_root))
 
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round."""

@@ -1,0 +1,68 @@
+"""Peak memory of a whole simulation: this process and every process it started, sampled in the background.
+
+An embedded Ray (`ray.init` from this driver) starts its GCS, raylet, object store and worker processes as
+descendants of the driver, so they are all counted; on an existing cluster only this machine's driver is. Each
+process counts its proportional set size (PSS: shared pages split among the processes mapping them), so the
+object store's shared memory and the libraries every worker maps are counted once, not once per process.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+
+MIB = 1024 * 1024
+
+
+def tree_memory_mb(root: psutil.Process) -> float:
+    """PSS (RSS where PSS is unavailable) summed over `root` and its live descendants, in MiB."""
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            info = process.memory_full_info()
+            total += getattr(info, "pss", info.rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue  # exited between listing and reading, or not ours to read
+    return total / MIB
+
+
+class MemoryMonitor:
+    """Samples `tree_memory_mb` of this process every `interval_s` on a daemon thread.
+
+    `take_peak()` returns the highest sample since the previous call (or the start) and begins a new interval,
+    so a caller gets per-phase peaks; use it as a context manager around what it measures."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self._root = psutil.Process()
+        self._peak = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, name="memory-monitor", daemon=True)
+
+    def __enter__(self) -> MemoryMonitor:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def take_peak(self) -> float:
+        """The peak in MiB since the last call; the next interval starts from the current usage."""
+        current = self._sample()
+        with self._lock:
+            peak, self._peak = self._peak, current
+        return peak
+
+    def _sample(self) -> float:
+        current = tree_memory_mb(self._root)
+        with self._lock:
+            self._peak = max(self._peak, current)
+        return current
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
