@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from dccl_sim import metrics
+
 PLOTS = {
     "metrics": "metrics.png",
     "latency": "latency.png",
@@ -82,6 +84,16 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict
     devices_file = run_dir / "devices.parquet"
     devices = _columns(devices_file) if devices_file.is_file() else None
     return config, rounds, devices
+
+
+def bucket_gauc(devices: dict[str, np.ndarray], round_index: int, column: str, n_buckets: int) -> list[float]:
+    """GAUC of a per-device AUC column (`start_auc`, `device_auc`, `cloud_auc`) in one round, pooled as the round
+    records pool it: per activity bucket 0..n_buckets-1, then over all devices (the last entry)."""
+    rows = devices["round"] == round_index
+    auc, bucket = devices[column][rows], devices["bucket"][rows]
+    n_test = devices["n_test"][rows].astype(np.float64)
+    per_bucket = [metrics.pooled_gauc(auc[bucket == b], n_test[bucket == b]) for b in range(n_buckets)]
+    return [*per_bucket, metrics.pooled_gauc(auc, n_test)]
 
 
 def _columns(path: Path) -> dict[str, np.ndarray]:

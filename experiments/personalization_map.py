@@ -39,8 +39,7 @@ import torch
 from cli_args import csv_list
 
 from dccl_sim.config import ConfigError, load_config
-from dccl_sim.metrics import pooled_gauc
-from dccl_sim.report import load_run
+from dccl_sim.report import bucket_gauc, load_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,14 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(d < 0 for d in args.deviations):
         parser.error("--deviations must be non-negative")
     return args
-
-
-def bucket_gauc(devices: dict[str, np.ndarray], round_index: int, column: str, n_buckets: int) -> list[float]:
-    """GAUC of `column` (a per-device AUC) in one round: per activity bucket, then over all devices (last)."""
-    rows = devices["round"] == round_index
-    auc, n_test, bucket = devices[column][rows], devices["n_test"][rows].astype(np.float64), devices["bucket"][rows]
-    per_bucket = [pooled_gauc(auc[bucket == b], n_test[bucket == b]) for b in range(n_buckets)]
-    return [*per_bucket, pooled_gauc(auc, n_test)]
 
 
 def run_devices(overrides: list[str], work_dir: Path, name: str) -> dict[str, np.ndarray]:

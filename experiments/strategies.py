@@ -1,7 +1,9 @@
 """The strategies side by side on MovieLens-100K: a per-round table of start / device / cloud GAUC, HR@10, NDCG@10.
 
 Runs every chosen strategy × seed for R rounds with the in-process runtime (the same round loop as Ray) and writes
-the rounds as JSON and a markdown table. Choose settings on the validation split (the default), report test:
+the rounds as JSON, markdown tables (mean ± std over seeds; per activity bucket) and two plots (OUT_rounds.png:
+metrics per round; OUT_buckets.png: personalization gain by user activity). Choose settings on the validation
+split (the default), report test:
 
     .venv/bin/python experiments/strategies.py                              # 5 strategies, seed 0, 3 rounds, valid
     .venv/bin/python experiments/strategies.py --split test --seeds 0,1,2 --out experiments/results/strategies_test
@@ -16,6 +18,7 @@ update W_{t+1}; `tail` is the least active quarter of users (activity bucket 0).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -25,13 +28,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from cli_args import csv_list
 
 from dccl_sim.config import STRATEGIES, ConfigError, load_config
+from dccl_sim.report import bucket_gauc, load_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SAME_CLOUD_AS_CLOUD_ONLY = ("metapatch", "local_finetune")
 DEFAULT_STRATEGIES = ("cloud_only", "metapatch", "dccl", "fedavg", "local_finetune")
 # (column, record field) pairs; the records' names are the run directory's public column names
 FIELDS = (
@@ -92,32 +102,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_one(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
-    """One run's rounds as flat dicts of the FIELDS."""
+    """One run's rounds as flat dicts: the FIELDS, the gains, and per-bucket GAUCs (lists: buckets, then all)."""
+    out_dir = work_dir / f"{strategy}-{seed}"
     overrides = [
         "runtime.backend=local",
         f"metrics.split={args.split}",
         f"strategy={strategy}",
         f"seed={seed}",
         f"rounds={args.rounds}",
-        f"output.out_dir={work_dir / f'{strategy}-{seed}'}",
+        f"output.out_dir={out_dir}",
         "output.progress=false",
         *args.overrides,
     ]
-    state = run(load_config(None, overrides))
-    return [{"round": r.round, **{name: float(getattr(r, name)) for name in FIELDS}} for r in state.records]
+    config = load_config(None, overrides)
+    state = run(config)
+    _, _, devices = load_run(out_dir)
+    n_buckets = len(config.metrics.bucket_quantiles) + 1
+    rows = []
+    for record in state.records:
+        row: dict[str, Any] = {"round": record.round, **{name: float(getattr(record, name)) for name in FIELDS}}
+        row["device_gain"] = row["device_gauc"] - row["start_gauc"]
+        row["tail_device_gain"] = row["tail_device_gauc"] - row["tail_start_gauc"]
+        for model in ("start", "device", "cloud"):
+            row[f"bucket_{model}_gauc"] = bucket_gauc(devices, record.round, f"{model}_auc", n_buckets)
+        row["bucket_device_gain"] = list(np.subtract(row["bucket_device_gauc"], row["bucket_start_gauc"]))
+        rows.append(row)
+    return rows
+
+
+def add_paired_cloud_gain(runs: dict[str, list[list[dict[str, Any]]]]) -> None:
+    """`cloud_gain`: each run's cloud GAUC minus cloud_only's with the same seed, per round (paired)."""
+    if "cloud_only" not in runs:
+        return
+    for per_seed in runs.values():
+        for rows, base in zip(per_seed, runs["cloud_only"], strict=True):
+            for row, ref in zip(rows, base, strict=True):
+                row["cloud_gain"] = row["cloud_gauc"] - ref["cloud_gauc"]
+                row["bucket_cloud_gain"] = list(np.subtract(row["bucket_cloud_gauc"], ref["bucket_cloud_gauc"]))
 
 
 def mean_over_seeds(rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per round: the mean (and, with several seeds, the sample std) of every field over the seeds."""
+    """Per round: the mean and the sample std (0 for one seed) over the seeds of every field, elementwise for the
+    per-bucket lists; NaNs (e.g. no device in a bucket) are left out."""
     out = []
     for per_round in zip(*rows, strict=True):
         entry: dict[str, Any] = {"round": per_round[0]["round"], "n_seeds": len(per_round)}
-        for name in FIELDS:
-            values = [row[name] for row in per_round if not math.isnan(row[name])]
-            entry[name] = sum(values) / len(values) if values else math.nan
-            if len(values) > 1:
-                mean = entry[name]
-                entry[f"{name}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        for name in per_round[0]:
+            if name == "round":
+                continue
+            values = np.array([row[name] for row in per_round], dtype=np.float64)
+            finite = np.isfinite(values)
+            count = finite.sum(axis=0)
+            total = np.where(finite, values, 0.0).sum(axis=0)
+            mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+            spread = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
+            std = np.where(count > 1, np.sqrt(spread / np.maximum(count - 1, 1)), 0.0)
+            entry[name], entry[f"{name}_std"] = mean.tolist(), std.tolist()
         out.append(entry)
     return out
 
@@ -128,56 +168,148 @@ def _fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
+def _pm(row: dict[str, Any], name: str, signed: bool = False) -> str:
+    """mean ± std over seeds (the std only with several seeds)."""
+    mean = _fmt(row[name], signed)
+    return f"{mean} ± {row[f'{name}_std']:.4f}" if row["n_seeds"] > 1 and mean != "—" else mean
+
+
+def bucket_labels(quantiles: list[float]) -> list[str]:
+    edges = [0.0, *quantiles, 1.0]
+    labels = [f"{lo:.0%}–{hi:.0%}" for lo, hi in itertools.pairwise(edges)]
+    labels[0] += " (tail)"
+    return [*labels, "all"]
+
+
 def markdown(results: dict[str, Any]) -> str:
-    split, seeds = results["split"], results["seeds"]
+    split, seeds, mean = results["split"], results["seeds"], results["mean"]
+    several = len(seeds) > 1
     lines = [
         f"# Strategies on {results['source']} — {split} split",
         "",
-        f"Seeds {', '.join(map(str, seeds))} (mean over seeds), {results['rounds']} rounds, "
-        f"overrides: `{' '.join(results['overrides']) or '(none)'}`.",
+        f"Seeds {', '.join(map(str, seeds))} ({'mean ± sample std over seeds' if several else 'one seed'}), "
+        f"{results['rounds']} rounds, overrides: `{' '.join(results['overrides']) or '(none)'}`.",
         f"Command: `{results['command']}`",
         "",
-        "`start`: the broadcast model W_t; `device`: the personalized device models; `Δ` = device − start; "
-        "`cloud`: W_{t+1} after the round's update; `tail`: activity bucket 0 (the least active quarter).",
+        "`start`: the broadcast model W_t the devices started from; `device`: the personalized device models; "
+        "`Δ` = device − start (per seed, then averaged); `cloud`: W_{t+1} after the round's update; `tail`: activity "
+        "bucket 0 (the least active quarter of users).",
         "",
-        "| strategy | round | GAUC start | GAUC device | Δ | GAUC cloud | HR@10 start | HR@10 device | HR@10 cloud "
-        "| NDCG@10 start | NDCG@10 device | NDCG@10 cloud | tail GAUC start | tail GAUC device | tail Δ "
-        "| tail GAUC cloud | gate pass | round s |",
-        "|---|---|" + "---|" * 16,
+        "## GAUC",
+        "",
+        "| strategy | round | start | device | Δ | cloud | tail start | tail device | tail Δ | tail cloud "
+        "| gate pass |",
+        "|---|---|" + "---|" * 9,
     ]
-    for strategy, rows in results["mean"].items():
+    for strategy, rows in mean.items():
         for r in rows:
-            cells = [
-                strategy,
-                str(r["round"]),
-                _fmt(r["start_gauc"]),
-                _fmt(r["device_gauc"]),
-                _fmt(r["device_gauc"] - r["start_gauc"], signed=True),
-                _fmt(r["cloud_gauc"]),
-                _fmt(r["start_hr10"]),
-                _fmt(r["device_hr10"]),
-                _fmt(r["cloud_hr10"]),
-                _fmt(r["start_ndcg10"]),
-                _fmt(r["device_ndcg10"]),
-                _fmt(r["cloud_ndcg10"]),
-                _fmt(r["tail_start_gauc"]),
-                _fmt(r["tail_device_gauc"]),
-                _fmt(r["tail_device_gauc"] - r["tail_start_gauc"], signed=True),
-                _fmt(r["tail_cloud_gauc"]),
-                "—" if math.isnan(r["gate_pass_rate"]) else f"{r['gate_pass_rate']:.2f}",
-                f"{r['t_round_s']:.0f}",
-            ]
+            gate = "—" if math.isnan(r["gate_pass_rate"]) else f"{r['gate_pass_rate']:.2f}"
+            cells = [strategy, str(r["round"]), _fmt(r["start_gauc"]), _pm(r, "device_gauc")]
+            cells += [_pm(r, "device_gain", True), _pm(r, "cloud_gauc"), _fmt(r["tail_start_gauc"])]
+            cells += [_pm(r, "tail_device_gauc"), _pm(r, "tail_device_gain", True), _pm(r, "tail_cloud_gauc"), gate]
             lines.append("| " + " | ".join(cells) + " |")
-    if "cloud_only" in results["mean"]:
-        base = results["mean"]["cloud_only"]
-        lines += ["", "Cloud GAUC minus cloud_only's, per round:", ""]
-        lines += ["| strategy | " + " | ".join(f"round {r['round']}" for r in base) + " |"]
-        lines += ["|---|" + "---|" * len(base)]
-        for strategy, rows in results["mean"].items():
-            diffs = [_fmt(r["cloud_gauc"] - b["cloud_gauc"], signed=True) for r, b in zip(rows, base, strict=True)]
-            lines.append(f"| {strategy} | " + " | ".join(diffs) + " |")
+    lines += [
+        "",
+        "## HR@10 and NDCG@10",
+        "",
+        "| strategy | round | HR@10 start | HR@10 device | HR@10 cloud | NDCG@10 start | NDCG@10 device "
+        "| NDCG@10 cloud | tail HR@10 device | tail NDCG@10 device | round s |",
+        "|---|---|" + "---|" * 9,
+    ]
+    for strategy, rows in mean.items():
+        for r in rows:
+            cells = [strategy, str(r["round"]), _fmt(r["start_hr10"]), _pm(r, "device_hr10"), _pm(r, "cloud_hr10")]
+            cells += [_fmt(r["start_ndcg10"]), _pm(r, "device_ndcg10"), _pm(r, "cloud_ndcg10")]
+            cells += [_pm(r, "tail_device_hr10"), _pm(r, "tail_device_ndcg10"), f"{r['t_round_s']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if "cloud_only" in mean:
+        rounds = [r["round"] for r in mean["cloud_only"]]
+        lines += ["", "## Cloud GAUC minus cloud_only's (paired by seed)", ""]
+        lines += ["| strategy | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---|" + "---|" * len(rounds)]
+        for strategy, rows in mean.items():
+            lines.append(f"| {strategy} | " + " | ".join(_pm(r, "cloud_gain", True) for r in rows) + " |")
+    labels = bucket_labels(results["bucket_quantiles"])
+    for r_index in sorted({0, results["rounds"] - 1}):
+        lines += ["", f"## Personalization gain (device − start GAUC) by user activity, round {r_index}", ""]
+        lines += ["| strategy | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for strategy, rows in mean.items():
+            r = rows[r_index]
+            cells = [
+                _fmt(m, True) + (f" ± {sd:.4f}" if several and not math.isnan(m) else "")
+                for m, sd in zip(r["bucket_device_gain"], r["bucket_device_gain_std"], strict=True)
+            ]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"![{caption}]({name})" for name, caption in results["plots"])]
     lines += ["", f"Machine: {results['machine']}; torch threads {results['threads']}; {results['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """`OUT_rounds.png` (metrics per round) and `OUT_buckets.png` (personalization gain by activity bucket)."""
+    mean, several = results["mean"], len(results["seeds"]) > 1
+    colors = dict(zip(results["mean"], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    for ax, (metric, title) in zip(axes, (("gauc", "GAUC"), ("hr10", "HR@10"), ("ndcg10", "NDCG@10")), strict=True):
+        for strategy, rows in mean.items():
+            rounds = [r["round"] for r in rows]
+            for model, style in (("cloud", "-"), ("device", "--")):
+                # metapatch and local_finetune update the cloud exactly as cloud_only; cloud_only never personalizes
+                if (model == "cloud" and strategy in SAME_CLOUD_AS_CLOUD_ONLY) or (
+                    model == "device" and strategy == "cloud_only"
+                ):
+                    continue
+                values = [r[f"{model}_{metric}"] for r in rows]
+                errors = [r[f"{model}_{metric}_std"] for r in rows] if several else None
+                ax.errorbar(
+                    rounds,
+                    values,
+                    yerr=errors,
+                    fmt=style,
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    color=colors[strategy],
+                    label=f"{strategy} {model}",
+                )
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(
+        f"{results['source']}, {results['split']} split: cloud model after each round (solid) and personalized device "
+        "models (dashed), mean ± std over seeds",
+        fontsize=10,
+    )
+    rounds_png = out.parent / f"{out.name}_rounds.png"
+    fig.savefig(rounds_png, dpi=120)
+    plt.close(fig)
+
+    labels = bucket_labels(results["bucket_quantiles"])
+    personalized = [s for s in mean if s != "cloud_only"]
+    last = results["rounds"] - 1
+    fig, axes = plt.subplots(1, 2 if last > 0 else 1, figsize=(12 if last > 0 else 7, 4), constrained_layout=True)
+    width = 0.8 / max(len(personalized), 1)
+    for ax, r_index in zip(np.atleast_1d(axes), sorted({0, last}), strict=True):
+        for i, strategy in enumerate(personalized):
+            row = mean[strategy][r_index]
+            x = np.arange(len(labels)) - 0.4 + width * (i + 0.5)
+            errors = row["bucket_device_gain_std"] if several else None
+            ax.bar(x, row["bucket_device_gain"], width, yerr=errors, capsize=2, color=colors[strategy], label=strategy)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("users' activity quantile (training interactions)")
+        ax.set_ylabel("GAUC gain: device − start")
+        ax.set_title(f"Personalization gain by user activity, round {r_index}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    buckets_png = out.parent / f"{out.name}_buckets.png"
+    fig.savefig(buckets_png, dpi=120)
+    plt.close(fig)
+    return [
+        (rounds_png.name, "Cloud and device metrics per round, mean ± std over seeds"),
+        (buckets_png.name, "Personalization gain by user activity bucket, mean ± std over seeds"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"final cloud GAUC {last['cloud_gauc']:.4f} ({time.perf_counter() - tic:.0f} s)",
                         flush=True,
                     )
+    add_paired_cloud_gain(runs)
+    config = load_config(None, args.overrides)
     results = {
-        "source": load_config(None, args.overrides).data.source,
+        "source": config.data.source,
+        "bucket_quantiles": list(config.metrics.bucket_quantiles),
         "command": " ".join(["python", "experiments/strategies.py", *(argv if argv is not None else sys.argv[1:])]),
         "split": args.split,
         "seeds": args.seeds,
@@ -220,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2))
+    results["plots"] = plot(results, Path(args.out))
+    json_path.write_text(json.dumps(results, indent=1))
     md_path.write_text(markdown(results))
     if not args.quiet:
         print(markdown(results))
-        print(f"wrote {json_path} and {md_path}")
+        print(f"wrote {json_path}, {md_path} and the plots")
     return 0
 
 

@@ -42,6 +42,14 @@ def test_shapes_and_hidden_layers() -> None:
     assert torch.isfinite(model(batch)).all()  # an empty history pools to zero, not NaN
 
 
+def test_an_empty_batch_scores_to_an_empty_tensor() -> None:
+    model = _model()
+    full = _batch()
+    empty = Batch(item=full.item[:0], history=full.history[:0], profile=full.profile[:0], label=full.label[:0])
+    assert model(empty).shape == (0,)
+    assert model.features(empty).shape[0] == 0
+
+
 def test_attention_equals_the_mlp_on_the_concatenation() -> None:
     model = _model(attention_hidden=(7, 5))
     batch = _batch()

@@ -40,8 +40,19 @@ def test_strategies_table_pairs_runs_and_reports_the_mean_over_seeds(tmp_path: P
     for row in written["mean"]["cloud_only"]:
         assert row["device_gauc"] == row["start_gauc"]
     assert written["mean"]["dccl"][0]["start_gauc"] == written["mean"]["cloud_only"][0]["start_gauc"]
+    # paired cloud gain: cloud_only against itself is zero; per-bucket lists end with "all"
+    assert all(row["cloud_gain"] == 0.0 for row in written["mean"]["cloud_only"])
+    dccl_round = written["runs"]["dccl"][1]["rounds"][1]
+    assert dccl_round["cloud_gain"] == pytest.approx(
+        dccl_round["cloud_gauc"] - written["runs"]["cloud_only"][1]["rounds"][1]["cloud_gauc"]
+    )
+    n_columns = len(written["bucket_quantiles"]) + 2
+    assert len(dccl_round["bucket_device_gain"]) == n_columns
+    assert dccl_round["bucket_device_gain"][-1] == pytest.approx(dccl_round["device_gain"], abs=1e-9)
     table = out.with_suffix(".md").read_text()
-    assert "| dccl | 1 |" in table and "Cloud GAUC minus cloud_only's" in table
+    assert "| dccl | 1 |" in table and "paired by seed" in table and "by user activity, round 1" in table
+    for name, _ in written["plots"]:
+        assert (tmp_path / name).stat().st_size > 10_000
 
 
 def test_strategies_rejects_an_unknown_strategy() -> None:

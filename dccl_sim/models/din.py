@@ -75,7 +75,7 @@ class CloudModel(nn.Module):
         hidden = (history.reshape(n * length, d) @ (w_h + w_diff).T).addmm_(
             (history * target.unsqueeze(1)).reshape(n * length, d), w_prod.T
         )
-        hidden = hidden.view(n, length, -1).add_(per_target.unsqueeze(1))
+        hidden = hidden.view(n, length, hidden.shape[-1]).add_(per_target.unsqueeze(1))
         if not self.attention_layers:
             return hidden.squeeze(-1)
         hidden = hidden.relu_()
