@@ -148,6 +148,53 @@ class CloudConfig(Section):
     patch_target: Literal["teacher", "residual"] = "teacher"
 
 
+class CodaConfig(Section):
+    """CoDA (DESIGN.md §4, `coda`): cloud-coordinated data augmentation for the device model.
+
+    Cloud, coarse matching: each user is represented by the mean cloud-model item embedding of the newest
+    `history_len` + 1 items the cloud holds for it; a participant's `neighbours` most cosine-similar users (never
+    itself) supply at most `candidates` samples, drawn uniformly from those users' training samples in the cloud's
+    pool (the pretraining window plus the windows the cloud has received: never the current window, never
+    validation or test samples), seeded by (seed, round, device id). Candidates travel as their top-MLP input x
+    under the broadcast W_t, in `feature_dtype`, with their labels.
+
+    Device, fine filtering: `filter = classifier` trains a per-device logistic regression, local samples = 1 vs
+    candidates = 0 (classes weighted equally), on the behaviour part of x (pooled history, target, their product;
+    the profile block is left out because it is constant over a device's own samples and would separate users,
+    not samples), standardized per device, with `classifier_steps` full-batch Adam steps at `classifier_lr` and L2
+    `classifier_l2`. It keeps the candidates it scores local-like: probability ≥ `threshold` (`keep = threshold`)
+    or the top `keep_frac` of them (`keep = top`). `filter = none` keeps every candidate (the ablation). The device
+    then trains its meta-patch (the MetaPatch step and gate of `device`) on local + kept samples, each kept sample
+    weighing `weight` against a local sample's 1 in the loss.
+    """
+
+    neighbours: PositiveInt = 20
+    candidates: PositiveInt = 64
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    filter: Literal["classifier", "none"] = "classifier"
+    keep: Literal["threshold", "top"] = "top"
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    keep_frac: Fraction = 0.5
+    weight: PositiveFloat = 1.0
+    classifier_steps: PositiveInt = 50
+    classifier_lr: PositiveFloat = 5e-2
+    classifier_l2: NonNegativeFloat = 1e-2
+
+    @model_validator(mode="after")
+    def _settings_that_apply(self) -> CodaConfig:
+        # a setting that the chosen filter ignores is almost always a mistake in a sweep: say so instead of running
+        unused = {"threshold": self.filter == "none" or self.keep != "threshold"}
+        unused["keep_frac"] = self.filter == "none" or self.keep != "top"
+        for name, ignored in unused.items():
+            if name in self.model_fields_set and ignored:
+                needs = "threshold" if name == "threshold" else "top"
+                raise ValueError(
+                    f"{name} applies only with filter = classifier and keep = {needs} "
+                    f"(got filter = {self.filter}, keep = {self.keep})"
+                )
+        return self
+
+
 class RuntimeConfig(Section):
     """Where the round loop runs (DESIGN.md §5)."""
 
@@ -211,6 +258,7 @@ class SimConfig(Section):
     patch: PatchConfig = PatchConfig()
     device: DeviceConfig = DeviceConfig()
     cloud: CloudConfig = CloudConfig()
+    coda: CodaConfig = CodaConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     latency: LatencyConfig = LatencyConfig()
     metrics: MetricsConfig = MetricsConfig()

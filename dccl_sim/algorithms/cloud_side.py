@@ -11,7 +11,8 @@ import torch
 
 from dccl_sim import metrics
 from dccl_sim.algorithms.cloud_steps import bootstrap_patch
-from dccl_sim.algorithms.protocol import Broadcast, load_numpy_state, state_to_numpy
+from dccl_sim.algorithms.coda import candidate_table, draw_candidates, nearest_users, user_representations
+from dccl_sim.algorithms.protocol import Augmentation, Broadcast, load_numpy_state, state_to_numpy
 from dccl_sim.config import SimConfig
 from dccl_sim.data.device_data import PRETRAIN_WINDOW, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
 from dccl_sim.models.factory import ModelSpec, build_models
@@ -37,6 +38,9 @@ class CloudSide:
         # θ̃: each device's starting meta-patch; never-seen devices start from the encoder's cold start
         self.start_theta = np.zeros((data.num_devices, config.patch.k), dtype=np.float32)
         self.seen = np.zeros(data.num_devices, dtype=bool)
+        # the training samples the cloud holds (CoDA's global pool): the central pretraining data, then each round's
+        # window as it arrives with the devices' results (`receive`)
+        self.pool = (data.split == SPLIT_TRAIN) & (self.window == PRETRAIN_WINDOW)
 
     @property
     def uses_patches(self) -> bool:
@@ -46,6 +50,20 @@ class CloudSide:
         """D_t: the participants' training samples of window t, which the cloud's update learns."""
         mask = (self.data.split == SPLIT_TRAIN) & (self.window == round_index)
         return np.flatnonzero(mask & np.isin(self.data.sample_device, participants))
+
+    def receive(self, indices: np.ndarray) -> None:
+        """The cloud now holds these training samples (a round's uploads), so CoDA may retrieve them."""
+        self.pool[indices] = True
+
+    def augmentation(self, round_index: int, participants: np.ndarray) -> Augmentation:
+        """CoDA's coarse matching for the participants under the current (broadcast) model: top-M similar users,
+        at most S of their pooled samples each, shipped as top-MLP inputs."""
+        coda, history_len = self.config.coda, self.config.data.history_len
+        reps = user_representations(self.models.cloud, self.data, self.pool, history_len)
+        neighbours = nearest_users(reps, self.data.rows_of(participants), coda.neighbours)
+        keys = (self.config.seed, round_index, 0xC0DA)
+        offsets, samples = draw_candidates(self.data, self.pool, neighbours, participants, coda.candidates, keys)
+        return candidate_table(self.models.cloud, self.data, offsets, samples, history_len, coda.feature_dtype)
 
     def device_counts(self, round_index: int) -> dict[str, np.ndarray]:
         local = (self.data.split == SPLIT_TRAIN) & (self.window <= round_index)
@@ -126,6 +144,7 @@ class CloudSide:
             model_state=state_to_numpy(self.models.cloud),
             patch_state=state_to_numpy(self.models.patch) if self.uses_patches else None,
             start_theta=self.starting_patches(participants) if patches else None,
+            augment=self.augmentation(round_index, participants) if self.config.strategy == "coda" else None,
         )
 
     def evaluate(self) -> metrics.Evaluation:
@@ -150,6 +169,7 @@ class CloudSide:
             "encoder": state_to_numpy(self.models.encoder),
             "start_theta": self.start_theta.copy(),
             "seen": self.seen.copy(),
+            "pool": np.packbits(self.pool),
         }
 
     def load_state(self, state: dict[str, object]) -> None:
@@ -158,3 +178,5 @@ class CloudSide:
         load_numpy_state(self.models.encoder, state["encoder"])
         self.start_theta = np.array(state["start_theta"], dtype=np.float32)
         self.seen = np.array(state["seen"], dtype=bool)
+        if "pool" in state:  # checkpoints written before CoDA hold no pool: keep the pretraining data
+            self.pool = np.unpackbits(state["pool"], count=self.data.num_samples).astype(bool)

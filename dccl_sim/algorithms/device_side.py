@@ -97,8 +97,9 @@ class DeviceSide:
     def z0(self, samples: RoundSamples) -> torch.Tensor:
         return first_hidden_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)
 
-    def patch_samples(self, device_ids: np.ndarray, local: RoundSamples) -> LocalSamples:
-        """The local samples with z_0 cached and each device's newest slice (by query position) marked for the gate."""
+    def patch_samples(self, device_ids: np.ndarray, local: RoundSamples, x: torch.Tensor | None = None) -> LocalSamples:
+        """The local samples with z_0 cached and each device's newest slice (by query position) marked for the gate;
+        `x`, the samples' top-MLP inputs when the caller has them already, saves computing them again."""
         positions = self.data.seq_pos[local.indices]
         holdout_start = local.ends.copy()
         for row, (start, end) in enumerate(zip(local.starts, local.ends, strict=True)):
@@ -106,7 +107,7 @@ class DeviceSide:
                 cut = np.quantile(positions[start:end], 1.0 - self.config.device.gate_frac, method="higher")
                 holdout_start[row] = start + np.searchsorted(positions[start:end], cut)
         return LocalSamples(
-            z0=self.z0(local),
+            z0=self.z0(local) if x is None else self.models.cloud.first_hidden(x),
             label=torch.from_numpy(self.data.label[local.indices].astype(np.float32)),
             starts=local.starts,
             ends=local.ends,
@@ -128,16 +129,26 @@ class DeviceSide:
         model_sum: dict[str, np.ndarray] | None = None,
         weight: float = 0.0,
         gate_passed: np.ndarray | None = None,
+        n_candidates: np.ndarray | None = None,
+        n_kept: np.ndarray | None = None,
+        classifier_passes: np.ndarray | None = None,
+        classifier_s: float = 0.0,
     ) -> PackResult:
-        """Package per-device columns; the pack's compute time is shared out in proportion to training work.
-        `gate_passed` is all False for strategies without a gate."""
+        """Package per-device columns; the pack's compute time is shared out in proportion to training work, and
+        CoDA's classifier time (`classifier_s`, part of `elapsed_s`) in proportion to the rows each device's
+        classifier passed. `gate_passed` is all False for strategies without a gate; CoDA's counts are 0 for the
+        others."""
         k = self.config.metrics.k
         start = device_eval_columns(self.data, evaluation, device_ids, start_scores, k)
         device = device_eval_columns(self.data, evaluation, device_ids, device_scores, k)
         rows = np.repeat(np.arange(len(device_ids)), local.ends - local.starts)
         n_train = np.bincount(rows, weights=self.data.label[local.indices] == 1, minlength=len(device_ids))
-        work = samples_trained + (local.ends - local.starts) + (evaluation.ends - evaluation.starts)
+        none = np.zeros(len(device_ids), dtype=np.int64)
+        n_candidates, n_kept = (none if n_candidates is None else n_candidates), (none if n_kept is None else n_kept)
+        passes = none if classifier_passes is None else classifier_passes
+        work = samples_trained + (local.ends - local.starts) + (evaluation.ends - evaluation.starts) + n_candidates
         share = work / max(work.sum(), 1)
+        classifier = classifier_s * passes / passes.sum() if passes.sum() else np.zeros(len(device_ids))
         columns = {
             "device_id": device_ids,
             "n_train": n_train.astype(np.int64),
@@ -151,7 +162,11 @@ class DeviceSide:
             "n_queries": device["n_queries"],
             "gate_passed": np.zeros(len(device_ids), bool) if gate_passed is None else gate_passed.astype(bool),
             "samples_trained": samples_trained.astype(np.int64),
-            "compute_s": share * elapsed_s,
+            "compute_s": share * (elapsed_s - classifier.sum()) + classifier,
+            "n_candidates": n_candidates.astype(np.int64),
+            "n_kept": n_kept.astype(np.int64),
+            "classifier_passes": passes.astype(np.int64),
+            "classifier_s": classifier,
         }
         return PackResult(columns=columns, theta=theta, model_sum=model_sum, weight=weight)
 

@@ -32,6 +32,7 @@ class LocalSamples:
     ends: np.ndarray  # [K]
     holdout_start: np.ndarray  # [K]
     device_ids: np.ndarray  # [K] global ids, for seeding
+    weight: torch.Tensor | None = None  # [S] per-row loss weight (CoDA's augmented samples); None: all 1
 
     @property
     def num_devices(self) -> int:
@@ -57,15 +58,20 @@ def loss_per_device(
     label: torch.Tensor,
     device: torch.Tensor,
     theta: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean BCE of each device's samples (0 for a device without samples); `device` gives each row's device."""
+    """Mean BCE of each device's samples (0 for a device without samples); `device` gives each row's device.
+    With `weight`, each device's weighted mean Σ w·BCE / Σ w."""
     bce = functional.binary_cross_entropy_with_logits(
         patched_logits(model, patch, z0, theta[device]), label, reduction="none"
     )
     num_devices = theta.shape[0]
-    total = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, bce)
-    count = torch.bincount(device, minlength=num_devices).clamp(min=1)
-    return total / count
+    if weight is None:
+        total = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, bce)
+        return total / torch.bincount(device, minlength=num_devices).clamp(min=1)
+    total = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, weight * bce)
+    mass = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, weight)
+    return total / torch.where(mass > 0, mass, torch.ones_like(mass))
 
 
 def train_patches(
@@ -86,9 +92,9 @@ def train_patches(
         rows, devices = schedule.step(s)
         device = torch.from_numpy(devices)
         active = torch.unique(device)
-        per_device = loss_per_device(
-            model, patch, samples.z0[rows], samples.label[torch.from_numpy(rows)], device, theta
-        )
+        batch = torch.from_numpy(rows)
+        weight = samples.weight[batch] if samples.weight is not None else None
+        per_device = loss_per_device(model, patch, samples.z0[rows], samples.label[batch], device, theta, weight)
         loss = per_device.sum() + config.l2 * theta[active].pow(2).sum()
         theta.grad = None
         loss.backward()
@@ -105,7 +111,8 @@ def _rows(starts: np.ndarray, ends: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def holdout_gate(model: CloudModel, patch: MetaPatch, samples: LocalSamples, theta: torch.Tensor) -> np.ndarray:
-    """True where θ lowers the loss on the device's newest slice compared with θ = 0 (the cloud model)."""
+    """True where θ lowers the loss on the device's newest slice compared with θ = 0 (the cloud model). The slice
+    holds only the device's own samples, each of weight 1."""
     rows, device = _rows(samples.holdout_start, samples.ends)
     z0, label = samples.z0[rows], samples.label[rows]
     with_patch = loss_per_device(model, patch, z0, label, device, theta)

@@ -23,18 +23,58 @@ DEVICE_COLUMNS = (
     "gate_passed",
     "samples_trained",
     "compute_s",
+    # CoDA's overheads (0 for the other strategies): candidates received, candidates kept after filtering, rows
+    # passed through the sample classifier (steps × rows) and the classifier's share of compute_s
+    "n_candidates",
+    "n_kept",
+    "classifier_passes",
+    "classifier_s",
 )
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """CoDA's retrieved candidates for every participant, in one broadcast.
+
+    Participant i's candidates are `rows[offsets[i]:offsets[i + 1]]` of a table of distinct samples: their top-MLP
+    input x under the broadcast W_t (`features`, in the configured wire dtype) and labels. Devices whose neighbours
+    overlap share table rows, so the object store holds each sample once; a real device downloads its own rows.
+    """
+
+    offsets: np.ndarray  # [P + 1] int64
+    rows: np.ndarray  # [C] int64 into the table
+    features: np.ndarray  # [U, input_dim] float16 or float32
+    label: np.ndarray  # [U] int8
+
+    def of(self, participants: np.ndarray, device_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(x [C, input_dim] float32, label [C] float32, per-device counts [K]) of the given participants' candidates,
+        grouped by device in the order of `device_ids`."""
+        at = np.searchsorted(participants, device_ids)
+        lo, hi = self.offsets[at], self.offsets[at + 1]
+        rows = np.concatenate([self.rows[a:b] for a, b in zip(lo, hi, strict=True)]) if len(at) else self.rows[:0]
+        x = torch.from_numpy(self.features[rows].astype(np.float32))
+        return x, torch.from_numpy(self.label[rows].astype(np.float32)), (hi - lo).astype(np.int64)
+
+    @property
+    def bytes_per_candidate(self) -> int:
+        return self.features.shape[1] * self.features.itemsize + self.label.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.offsets, self.rows, self.features, self.label))
+
+
+@dataclass(frozen=True)
 class Broadcast:
-    """Sent once per round through the object store: W_t, G_t and the participants' starting meta-patches."""
+    """Sent once per round through the object store: W_t, G_t, the participants' starting meta-patches and (CoDA)
+    their retrieved candidates."""
 
     round: int
     participants: np.ndarray  # sorted global device ids
     model_state: dict[str, np.ndarray]
     patch_state: dict[str, np.ndarray] | None = None
     start_theta: np.ndarray | None = None  # [len(participants), k]
+    augment: Augmentation | None = None  # CoDA's candidates
 
     def start_theta_of(self, device_ids: np.ndarray, k: int) -> torch.Tensor:
         if self.start_theta is None:
@@ -45,7 +85,8 @@ class Broadcast:
     @property
     def nbytes(self) -> int:
         states = [self.model_state, self.patch_state or {}]
-        return sum(a.nbytes for state in states for a in state.values())
+        extra = self.augment.nbytes if self.augment is not None else 0
+        return sum(a.nbytes for state in states for a in state.values()) + extra
 
 
 @dataclass(frozen=True)

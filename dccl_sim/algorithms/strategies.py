@@ -5,6 +5,8 @@
 - `dccl`: MetaPatch from the cloud's θ̃, MoMoDistill (eq. 5) and the patch-space update (eq. 7).
 - `fedavg`: devices train a full copy of W; the cloud averages them weighted by sample count.
 - `local_finetune`: each device trains its own copy of the top MLP; `cloud_only`'s cloud step.
+- `coda`: the cloud retrieves samples of similar users for each device; the device filters them with its own
+  sample classifier and trains its meta-patch on local + kept samples; `cloud_only`'s cloud step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dccl_sim.algorithms.cloud_steps import (
     teacher_logits,
     teacher_weights,
 )
+from dccl_sim.algorithms.coda import Candidates, coda_device_step
 from dccl_sim.algorithms.device_side import DeviceSide, RoundSamples, Stopwatch
 from dccl_sim.algorithms.metapatch_step import metapatch_device_step
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, concat_theta, load_numpy_state
@@ -96,18 +99,19 @@ class MetaPatchStrategy(Strategy):
     def device_round(self, side: DeviceSide, broadcast: Broadcast, device_ids: np.ndarray) -> PackResult:
         clock = Stopwatch()
         side.load(broadcast)
-        cloud, patch = side.models.cloud, side.models.patch
         local, evaluation = side.local_samples(device_ids, broadcast.round), side.eval_samples(device_ids)
         samples = side.patch_samples(device_ids, local)
         theta_start = broadcast.start_theta_of(device_ids, side.config.patch.k)
         step = metapatch_device_step(
-            cloud, patch, samples, theta_start, side.config.device, side.config.seed, broadcast.round
+            side.models.cloud,
+            side.models.patch,
+            samples,
+            theta_start,
+            side.config.device,
+            side.config.seed,
+            broadcast.round,
         )
-        with torch.no_grad():
-            z0 = side.z0(evaluation)
-            rows = torch.from_numpy(_rows_of_samples(evaluation))
-            start = cloud.head_from_first(z0, patch.patch(theta_start[rows])).numpy()
-            device = cloud.head_from_first(z0, patch.patch(step.theta[rows])).numpy()
+        start, device = _patched_scores(side, evaluation, theta_start, step.theta)
         trained = _samples_trained(samples.ends - samples.starts, side, step.gate_passed)
         return side.result(
             device_ids,
@@ -123,6 +127,18 @@ class MetaPatchStrategy(Strategy):
 
     def cloud_round(self, cloud: CloudSide, round_index: int, results: list[PackResult]) -> dict[str, float]:
         return _finetune_cloud(cloud, round_index, results)
+
+
+@torch.no_grad()
+def _patched_scores(
+    side: DeviceSide, evaluation: RoundSamples, theta_start: torch.Tensor, theta: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation logits of the starting and the personalized patched models, each device with its own patch."""
+    cloud, patch = side.models.cloud, side.models.patch
+    z0 = side.z0(evaluation)
+    rows = torch.from_numpy(_rows_of_samples(evaluation))
+    start = cloud.head_from_first(z0, patch.patch(theta_start[rows])).numpy()
+    return start, cloud.head_from_first(z0, patch.patch(theta[rows])).numpy()
 
 
 def _samples_trained(counts: np.ndarray, side: DeviceSide, gate_passed: np.ndarray) -> np.ndarray:
@@ -337,12 +353,63 @@ class LocalFinetune(Strategy):
         return _finetune_cloud(cloud, round_index, results)
 
 
+class CoDA(Strategy):
+    """Cloud-coordinated data augmentation: the broadcast carries each participant's retrieved candidates (their x);
+    the device keeps those its sample classifier finds local-like and trains its meta-patch on local + kept samples.
+    The cloud fine-tunes W as cloud_only and adds the round's uploads to its pool."""
+
+    def device_round(self, side: DeviceSide, broadcast: Broadcast, device_ids: np.ndarray) -> PackResult:
+        clock = Stopwatch()
+        side.load(broadcast)
+        config, model = side.config, side.models.cloud
+        local, evaluation = side.local_samples(device_ids, broadcast.round), side.eval_samples(device_ids)
+        local_x = features_of(model, side.data, local.indices, config.data.history_len)
+        samples = side.patch_samples(device_ids, local, local_x)
+        x, label, counts = broadcast.augment.of(broadcast.participants, device_ids)
+        theta_start = broadcast.start_theta_of(device_ids, config.patch.k)
+        step = coda_device_step(
+            model,
+            side.models.patch,
+            samples,
+            local_x,
+            Candidates(x, label, counts),
+            theta_start,
+            config.device,
+            config.coda,
+            3 * config.model.embed_dim,  # the behaviour block of x: pooled history, target, their product
+            config.seed,
+            broadcast.round,
+        )
+        start, device = _patched_scores(side, evaluation, theta_start, step.theta)
+        return side.result(
+            device_ids,
+            local,
+            evaluation,
+            start,
+            device,
+            gate_passed=step.gate_passed,
+            samples_trained=step.samples_trained,
+            elapsed_s=clock.elapsed(),
+            theta=step.theta.numpy(),
+            n_candidates=counts,
+            n_kept=step.n_kept,
+            classifier_passes=step.classifier_passes,
+            classifier_s=step.classifier_s,
+        )
+
+    def cloud_round(self, cloud: CloudSide, round_index: int, results: list[PackResult]) -> dict[str, float]:
+        stats = _finetune_cloud(cloud, round_index, results)
+        cloud.receive(cloud.round_indices(_received(results), round_index))
+        return stats
+
+
 STRATEGIES: dict[str, Strategy] = {
     "cloud_only": CloudOnly("cloud_only"),
     "metapatch": MetaPatchStrategy("metapatch"),
     "dccl": DCCL("dccl"),
     "fedavg": FedAvg("fedavg"),
     "local_finetune": LocalFinetune("local_finetune"),
+    "coda": CoDA("coda"),
 }
 
 

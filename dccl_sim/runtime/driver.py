@@ -57,6 +57,10 @@ def _spread(values: np.ndarray) -> dict[str, float]:
     return {"min": float(values.min()), "p50": float(p50), "p95": float(p95), "max": float(values.max())}
 
 
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
 class _Clock:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -101,7 +105,9 @@ def _run(
     bucket_of_device = runtime.cloud("device_info")["bucket"]
     model_floats, patch_floats = runtime.cloud("model_size")
     download, upload = latency.transfer_bytes(config.strategy, model_floats, patch_floats, config.patch.k)
-    flops = latency.flops_per_sample(config, len(read_meta(root).profile_fields))
+    num_profile_fields = len(read_meta(root).profile_fields)
+    flops = latency.flops_per_sample(config, num_profile_fields)
+    per_candidate = latency.candidate_bytes(config, num_profile_fields)
     pack_of_device = np.concatenate([np.full(len(p), i) for i, p in enumerate(packs)])
     for observer in observers:
         observer.on_start(config, num_devices, len(packs), state.next_round)
@@ -116,8 +122,11 @@ def _run(
         sampled = sampled[profiles.available[sampled]]
         counts = runtime.cloud("device_counts", t)
         n_local, n_eval = counts["n_local"][sampled], counts["n_eval"][sampled]
-        planned = latency.device_flops(flops, latency.planned_samples_trained(config, n_local), n_local, n_eval)
-        planned_times = latency.device_times(_subset(profiles, sampled), planned, download, upload)
+        candidates, passes = latency.planned_augmentation(config, n_local)
+        trained = latency.planned_samples_trained(config, n_local)
+        planned = latency.device_flops(flops, trained, n_local, n_eval, candidates, passes)
+        planned_download = download + candidates * per_candidate
+        planned_times = latency.device_times(_subset(profiles, sampled), planned, planned_download, upload)
         deadline = config.latency.deadline_s
         late = planned_times > deadline if deadline is not None else np.zeros(len(sampled), dtype=bool)
         participants = sampled[~late]
@@ -145,12 +154,21 @@ def _run(
 
         columns = concat_results(phase.results)
         ids = columns["device_id"].astype(np.int64)
-        work = latency.device_flops(flops, columns["samples_trained"], counts["n_local"][ids], counts["n_eval"][ids])
-        times = latency.device_times(_subset(profiles, ids), work, download, upload)
+        columns["candidate_bytes"] = columns["n_candidates"].astype(np.int64) * per_candidate
+        columns["flops"] = latency.device_flops(
+            flops,
+            columns["samples_trained"],
+            counts["n_local"][ids],
+            counts["n_eval"][ids],
+            columns["n_candidates"],
+            columns["classifier_passes"],
+        )
+        downloads = download + columns["candidate_bytes"]
+        times = latency.device_times(_subset(profiles, ids), columns["flops"], downloads, upload)
         cloud_flops = 3.0 * (flops["features"] + flops["head"]) * float(counts["n_local"][ids].sum())
         sim_round = (float(times.max()) if len(times) else 0.0) + cloud_flops / config.latency.cloud_flops
 
-        frame = _device_frame(t, sampled, late, planned_times, columns, times, bucket_of_device, evaluation)
+        frame = _device_frame(t, sampled, planned, planned_times, columns, times, bucket_of_device, evaluation)
         record = _round_record(
             config,
             t,
@@ -167,7 +185,7 @@ def _run(
             phase.late_packs,
             download,
             upload,
-            download * len(participants),
+            download * len(participants) + int(columns["candidate_bytes"].sum()),
         )
         record.t_gather_s = phase.gather_s
         state.records.append(record)
@@ -188,14 +206,15 @@ def _subset(profiles: latency.DeviceProfiles, ids: np.ndarray) -> latency.Device
 def _device_frame(
     t: int,
     sampled: np.ndarray,
-    late: np.ndarray,
+    planned_flops: np.ndarray,
     planned_times: np.ndarray,
     columns: dict[str, np.ndarray],
     times: np.ndarray,
     bucket_of_device: np.ndarray,
     evaluation: metrics.Evaluation,
 ) -> dict[str, np.ndarray]:
-    """One row per sampled device: results where they came back, NaN and straggler=True where they did not."""
+    """One row per sampled device: results where they came back; where they did not, NaN (0 for counts), the planned
+    FLOPs and time, and straggler=True."""
     n = len(sampled)
     rows = np.searchsorted(sampled, columns["device_id"])
     frame = {
@@ -211,8 +230,14 @@ def _device_frame(
         "compute_s": np.full(n, np.nan),
         "sim_time_s": planned_times.copy(),
         "straggler": np.ones(n, dtype=bool),
+        "n_candidates": np.zeros(n, dtype=np.int64),
+        "n_kept": np.zeros(n, dtype=np.int64),
+        "candidate_bytes": np.zeros(n, dtype=np.int64),
+        "classifier_s": np.full(n, np.nan),
+        "flops": planned_flops.astype(np.float64),
     }
-    for name in ("n_train", "n_test", "start_auc", "device_auc", "gate_passed", "compute_s"):
+    copied = ("n_train", "n_test", "start_auc", "device_auc", "gate_passed", "compute_s", "flops")
+    for name in (*copied, "n_candidates", "n_kept", "candidate_bytes", "classifier_s"):
         frame[name][rows] = columns[name]
     frame["sim_time_s"][rows] = times
     frame["straggler"][rows] = False
@@ -296,6 +321,9 @@ def _round_record(
         broadcast_bytes=broadcast_bytes,
         upload_bytes_per_device=upload,
         download_bytes_per_device=download,
+        candidates_per_device=_mean(columns["n_candidates"]),
+        kept_per_device=_mean(columns["n_kept"]),
+        candidate_bytes_per_device=_mean(columns["candidate_bytes"]),
         late_packs=len(late_packs),
         **{key if key.startswith("cloud_") else f"cloud_{key}": float(value) for key, value in cloud_stats.items()},
     )

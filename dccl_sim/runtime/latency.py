@@ -63,7 +63,8 @@ def _hashed_normals(seed: int, device_ids: np.ndarray, count: int) -> np.ndarray
 
 
 def flops_per_sample(config: SimConfig, num_profile_fields: int) -> dict[str, float]:
-    """Forward FLOPs of one sample: DIN features (attention over L positions), the top MLP, the patches."""
+    """Forward FLOPs of one sample: DIN features (attention over L positions), the top MLP, the patches; for CoDA
+    also a candidate's first hidden layer (it arrives as x) and one row of the sample classifier."""
     d, L = config.model.embed_dim, config.data.history_len
     attention = [4 * d, *config.model.attention_hidden, 1]
     features = L * sum(2 * a * b for a, b in itertools.pairwise(attention)) + 4 * L * d
@@ -72,26 +73,58 @@ def flops_per_sample(config: SimConfig, num_profile_fields: int) -> dict[str, fl
     r, k = config.patch.rank, config.patch.k
     patch = sum(2 * h * r + 2 * r * k * h for h in config.model.mlp_hidden)
     trained = {"fedavg": features + head, "local_finetune": head, "cloud_only": 0}.get(config.strategy, head + patch)
-    return {"features": float(features), "head": float(head), "patch": float(patch), "train": float(trained)}
+    return {
+        "features": float(features),
+        "head": float(head),
+        "patch": float(patch),
+        "train": float(trained),
+        "first_hidden": float(2 * mlp[0] * mlp[1]),
+        "classifier": float(2 * 3 * d),  # a dot product over the behaviour block of x
+    }
+
+
+def candidate_bytes(config: SimConfig, num_profile_fields: int) -> int:
+    """Bytes of one CoDA candidate on the wire: its top-MLP input x in the configured dtype and a one-byte label."""
+    input_dim = 3 * config.model.embed_dim + config.model.profile_dim * num_profile_fields
+    return input_dim * np.dtype(config.coda.feature_dtype).itemsize + 1
+
+
+def planned_augmentation(config: SimConfig, n_local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates, classifier passes) per device before it trains: CoDA's upper bounds (S candidates each, all of
+    them through the classifier with the local samples for every step); zeros for the other strategies."""
+    if config.strategy != "coda":
+        return np.zeros_like(n_local), np.zeros_like(n_local)
+    candidates = np.full_like(n_local, config.coda.candidates)
+    steps = config.coda.classifier_steps if config.coda.filter == "classifier" else 0
+    return candidates, (n_local + candidates) * steps
 
 
 def planned_samples_trained(config: SimConfig, n_local: np.ndarray) -> np.ndarray:
     """Samples a device will pass through training this round, known before it trains: an upper bound for gated
-    MetaPatch (the trial run on the older part plus a full refit), exact for the others."""
+    MetaPatch (the trial run on the older part plus a full refit) and for CoDA (every candidate kept), exact for
+    the others."""
     epochs = config.device.local_epochs
     if config.strategy in ("metapatch", "dccl", "coda"):
         factor = (2.0 - config.device.gate_frac) if config.device.gate else 1.0
-        return np.ceil(n_local * epochs * factor).astype(np.int64)
+        held = n_local + (config.coda.candidates if config.strategy == "coda" else 0)
+        return np.ceil(held * epochs * factor).astype(np.int64)
     if config.strategy in ("fedavg", "local_finetune"):
         return n_local * epochs
     return np.zeros_like(n_local)
 
 
 def device_flops(
-    flops: dict[str, float], samples_trained: np.ndarray, n_local: np.ndarray, n_eval: np.ndarray
+    flops: dict[str, float],
+    samples_trained: np.ndarray,
+    n_local: np.ndarray,
+    n_eval: np.ndarray,
+    n_candidates: np.ndarray | int = 0,
+    classifier_passes: np.ndarray | int = 0,
 ) -> np.ndarray:
-    """Training (forward + backward ≈ 3× forward) plus computing local features and evaluating once."""
-    return samples_trained * 3.0 * flops["train"] + (n_local + n_eval) * flops["features"]
+    """Training (forward + backward ≈ 3× forward) plus computing local features and evaluating once; for CoDA the
+    candidates' first hidden layer and the sample classifier's training (3× a forward row per pass)."""
+    coda = n_candidates * flops["first_hidden"] + classifier_passes * 3.0 * flops["classifier"]
+    return samples_trained * 3.0 * flops["train"] + (n_local + n_eval) * flops["features"] + coda
 
 
 def transfer_bytes(strategy: str, model_floats: int, patch_floats: int, k: int) -> tuple[int, int]:
@@ -108,7 +141,7 @@ def transfer_bytes(strategy: str, model_floats: int, patch_floats: int, k: int) 
 def device_times(
     profiles: DeviceProfiles,
     flops: np.ndarray,
-    download_bytes: int,
+    download_bytes: np.ndarray | int,
     upload_bytes: int,
 ) -> np.ndarray:
     """Modelled seconds per device: download, local compute, upload."""

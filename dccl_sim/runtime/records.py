@@ -27,6 +27,11 @@ DEVICE_RECORD_COLUMNS = (
     "compute_s",
     "sim_time_s",
     "straggler",
+    "flops",
+    "n_candidates",
+    "n_kept",
+    "candidate_bytes",
+    "classifier_s",
 )
 
 
@@ -74,6 +79,10 @@ class RoundRecord(BaseModel):
     broadcast_bytes: int
     upload_bytes_per_device: int
     download_bytes_per_device: int
+    # CoDA's per-device overheads, means over participants (0 for the other strategies; NaN in older runs)
+    candidates_per_device: float = math.nan
+    kept_per_device: float = math.nan
+    candidate_bytes_per_device: float = math.nan
     # PSS of the driver and the processes it started (an embedded Ray's workers included); NaN in older runs
     peak_memory_mb: float = math.nan
 
