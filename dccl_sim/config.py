@@ -162,8 +162,9 @@ class CodaConfig(Section):
     candidates = 0 (classes weighted equally), on the behaviour part of x (pooled history, target, their product;
     the profile block is left out because it is constant over a device's own samples and would separate users,
     not samples), standardized per device, with `classifier_steps` full-batch Adam steps at `classifier_lr` and L2
-    `classifier_l2`. It keeps the candidates it scores local-like: probability ≥ `threshold` (`keep = threshold`)
-    or the top `keep_frac` of them (`keep = top`). `filter = none` keeps every candidate (the ablation). The device
+    `classifier_l2`. It keeps the candidates it scores local-like: probability ≥ `threshold` (τ), or the top
+    `keep_frac` (ρ) of each device's candidates; exactly one of the two is set. `filter = none` keeps every
+    candidate (the ablation). The device
     then trains its meta-patch (the MetaPatch step and gate of `device`) on local + kept samples, each kept sample
     weighing `weight` against a local sample's 1 in the loss.
     """
@@ -172,26 +173,21 @@ class CodaConfig(Section):
     candidates: PositiveInt = 64
     feature_dtype: Literal["float16", "float32"] = "float16"
     filter: Literal["classifier", "none"] = "classifier"
-    keep: Literal["threshold", "top"] = "top"
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
-    keep_frac: Fraction = 0.5
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    keep_frac: Fraction | None = 0.5
     weight: PositiveFloat = 1.0
     classifier_steps: PositiveInt = 50
     classifier_lr: PositiveFloat = 5e-2
     classifier_l2: NonNegativeFloat = 1e-2
 
     @model_validator(mode="after")
-    def _settings_that_apply(self) -> CodaConfig:
-        # a setting that the chosen filter ignores is almost always a mistake in a sweep: say so instead of running
-        unused = {"threshold": self.filter == "none" or self.keep != "threshold"}
-        unused["keep_frac"] = self.filter == "none" or self.keep != "top"
-        for name, ignored in unused.items():
-            if name in self.model_fields_set and ignored:
-                needs = "threshold" if name == "threshold" else "top"
-                raise ValueError(
-                    f"{name} applies only with filter = classifier and keep = {needs} "
-                    f"(got filter = {self.filter}, keep = {self.keep})"
-                )
+    def _one_selection_rule(self) -> CodaConfig:
+        if self.filter == "classifier" and (self.threshold is None) == (self.keep_frac is None):
+            raise ValueError(
+                "the classifier keeps candidates by a threshold τ or a top fraction ρ: set exactly one of "
+                f"coda.threshold and coda.keep_frac (got {self.threshold} and {self.keep_frac}; keep_frac defaults "
+                "to 0.5, so with a threshold also set coda.keep_frac=null)"
+            )
         return self
 
 

@@ -62,18 +62,6 @@ def cycled(samples: LocalSamples, rows: np.ndarray, first_id: int) -> LocalSampl
     )
 
 
-def single(samples: LocalSamples, m: int) -> LocalSamples:
-    lo, hi = samples.starts[m], samples.ends[m]
-    return LocalSamples(
-        z0=samples.z0[lo:hi],
-        label=samples.label[lo:hi],
-        starts=np.array([0]),
-        ends=np.array([hi - lo]),
-        holdout_start=np.array([samples.holdout_start[m] - lo]),
-        device_ids=samples.device_ids[m : m + 1],
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         packed_times.append(time.perf_counter() - tic)
     tic = time.perf_counter()
     looped = [
-        metapatch_device_step(model, patch, single(samples, m), start[m : m + 1], device, config.seed, args.round)
+        metapatch_device_step(model, patch, samples.alone(m), start[m : m + 1], device, config.seed, args.round)
         for m in range(args.devices)
     ]
     loop_s = time.perf_counter() - tic

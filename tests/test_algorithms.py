@@ -67,19 +67,6 @@ def _samples(sizes: list[int], model: CloudModel, gate_frac: float = 0.3, seed: 
     )
 
 
-def _one(samples: LocalSamples, m: int) -> LocalSamples:
-    """Device m alone, as a K = 1 pack."""
-    lo, hi = samples.starts[m], samples.ends[m]
-    return LocalSamples(
-        z0=samples.z0[lo:hi],
-        label=samples.label[lo:hi],
-        starts=np.array([0]),
-        ends=np.array([hi - lo]),
-        holdout_start=np.array([samples.holdout_start[m] - lo]),
-        device_ids=samples.device_ids[m : m + 1],
-    )
-
-
 # ---------------------------------------------------------------- MetaPatch invariants
 
 
@@ -129,7 +116,7 @@ def test_packed_step_equals_single_device_steps(gate: bool) -> None:
     start = 0.05 * torch.randn(len(sizes), K_PATCH, generator=torch.Generator().manual_seed(3))
     packed = metapatch_device_step(model, patch, samples, start, config, seed=7, round_index=2)
     for m in range(len(sizes)):
-        single = metapatch_device_step(model, patch, _one(samples, m), start[m : m + 1], config, seed=7, round_index=2)
+        single = metapatch_device_step(model, patch, samples.alone(m), start[m : m + 1], config, seed=7, round_index=2)
         torch.testing.assert_close(packed.theta[m : m + 1], single.theta, atol=1e-5, rtol=0)
         assert packed.gate_passed[m] == single.gate_passed[0]
         assert packed.steps[m] == single.steps[0]
@@ -148,7 +135,7 @@ def test_train_patches_ignores_the_other_devices() -> None:
         model, patch, samples, samples.starts, samples.ends, torch.zeros(3, K_PATCH), config, keys
     )
     alone, alone_steps = train_patches(
-        model, patch, _one(samples, 2), np.array([0]), np.array([3]), torch.zeros(1, K_PATCH), config, keys[2:]
+        model, patch, samples.alone(2), np.array([0]), np.array([3]), torch.zeros(1, K_PATCH), config, keys[2:]
     )
     torch.testing.assert_close(theta[2:], alone, atol=1e-5, rtol=0)
     assert steps.tolist() == [6, 96, 3] and alone_steps.tolist() == [3]

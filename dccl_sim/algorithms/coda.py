@@ -189,13 +189,13 @@ def classifier_scores(
 
 
 def select_candidates(scores: torch.Tensor, counts: np.ndarray, config: CodaConfig) -> np.ndarray:
-    """[C] bool: the candidates each device keeps. `filter = none`: all; `keep = threshold`: score ≥ τ; `keep = top`:
+    """[C] bool: the candidates each device keeps. `filter = none`: all; a threshold τ: score ≥ τ; a top fraction ρ:
     the ⌈ρ · n⌉ best-scored of each device's n. A candidate without a score (NaN: its device's classifier did not
     train) is never kept by the classifier."""
     if config.filter == "none":
         return np.ones(int(counts.sum()), dtype=bool)
     values = scores.numpy()
-    if config.keep == "threshold":
+    if config.threshold is not None:
         return values >= config.threshold
     device = np.repeat(np.arange(len(counts)), counts)
     order = np.lexsort((-values, device))  # by device, best first; ties keep the candidates' order

@@ -38,6 +38,19 @@ class LocalSamples:
     def num_devices(self) -> int:
         return len(self.starts)
 
+    def alone(self, m: int) -> LocalSamples:
+        """Device m by itself, as a pack of one: the packed step must give it the same result."""
+        lo, hi = self.starts[m], self.ends[m]
+        return LocalSamples(
+            z0=self.z0[lo:hi],
+            label=self.label[lo:hi],
+            starts=np.array([0]),
+            ends=np.array([hi - lo]),
+            holdout_start=np.array([self.holdout_start[m] - lo]),
+            device_ids=self.device_ids[m : m + 1],
+            weight=None if self.weight is None else self.weight[lo:hi],
+        )
+
 
 @dataclass(frozen=True)
 class PatchStepResult:
