@@ -41,7 +41,7 @@ from dccl_sim.report import bucket_gauc, load_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SAME_CLOUD_AS_CLOUD_ONLY = ("metapatch", "local_finetune")
+SAME_CLOUD_AS_CLOUD_ONLY = ("metapatch", "local_finetune", "coda")
 DEFAULT_STRATEGIES = ("cloud_only", "metapatch", "dccl", "fedavg", "local_finetune")
 # (column, record field) pairs; the records' names are the run directory's public column names
 FIELDS = (
@@ -62,6 +62,10 @@ FIELDS = (
     "tail_device_ndcg10",
     "tail_cloud_ndcg10",
     "gate_pass_rate",
+    "candidates_per_device",
+    "kept_per_device",
+    "candidate_bytes_per_device",
+    "device_compute_p50_s",
     "t_devices_s",
     "t_distill_s",
     "t_round_s",
@@ -222,6 +226,18 @@ def markdown(results: dict[str, Any]) -> str:
             cells += [_fmt(r["start_ndcg10"]), _pm(r, "device_ndcg10"), _pm(r, "cloud_ndcg10")]
             cells += [_pm(r, "tail_device_hr10"), _pm(r, "tail_device_ndcg10"), f"{r['t_round_s']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Device-side cost per round (means over participants; CoDA's candidates and kept samples)",
+        "",
+        "| strategy | round | candidates | kept | candidate KB | device compute p50 ms | device phase s |",
+        "|---|---|" + "---|" * 5,
+    ]
+    for strategy, rows in mean.items():
+        for r in rows:
+            cells = [strategy, str(r["round"]), f"{r['candidates_per_device']:.1f}", f"{r['kept_per_device']:.1f}"]
+            cells += [f"{r['candidate_bytes_per_device'] / 1e3:.1f}", f"{1e3 * r['device_compute_p50_s']:.2f}"]
+            lines.append("| " + " | ".join([*cells, f"{r['t_devices_s']:.1f}"]) + " |")
     if "cloud_only" in mean:
         rounds = [r["round"] for r in mean["cloud_only"]]
         lines += ["", "## Cloud GAUC minus cloud_only's (paired by seed)", ""]
@@ -253,7 +269,7 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         for strategy, rows in mean.items():
             rounds = [r["round"] for r in rows]
             for model, style in (("cloud", "-"), ("device", "--")):
-                # metapatch and local_finetune update the cloud exactly as cloud_only; cloud_only never personalizes
+                # SAME_CLOUD_AS_CLOUD_ONLY update the cloud exactly as cloud_only; cloud_only never personalizes
                 if (model == "cloud" and strategy in SAME_CLOUD_AS_CLOUD_ONLY) or (
                     model == "device" and strategy == "cloud_only"
                 ):

@@ -61,18 +61,22 @@ def nearest_users(reps: torch.Tensor, query_rows: np.ndarray, count: int) -> np.
     """[Q, count] rows of each query's `count` most cosine-similar users, most similar first: never the query
     itself, never a user without a representation; -1 pads where fewer exist. One matrix product per block of
     queries, sized so that a block's similarities stay within BLOCK_ENTRIES."""
-    num_users = reps.shape[0]
-    valid = reps.abs().sum(dim=1) > 0
+    is_user = (reps.abs().sum(dim=1) > 0).numpy()
+    users = np.flatnonzero(is_user)
+    table = reps[torch.from_numpy(users)].T.contiguous()
+    query_rows = np.asarray(query_rows, dtype=np.int64)
+    # each query's column among the users, to exclude it from its own neighbours (-1: it has no representation)
+    slot = np.where(is_user[query_rows], np.searchsorted(users, query_rows), -1)
     out = np.full((len(query_rows), count), -1, dtype=np.int64)
-    width = min(count, num_users)
-    block = max(1, BLOCK_ENTRIES // max(num_users, 1))
-    for lo in range(0, len(query_rows), block):
-        query = torch.from_numpy(np.asarray(query_rows[lo : lo + block], dtype=np.int64))
-        similarity = reps[query] @ reps.T
-        similarity[:, ~valid] = -math.inf
-        similarity[torch.arange(len(query)), query] = -math.inf
-        values, rows = torch.topk(similarity, width, dim=1)
-        out[lo : lo + len(query), :width] = torch.where(values > -math.inf, rows, -1).numpy()
+    width = min(count, len(users))
+    block = max(1, BLOCK_ENTRIES // max(len(users), 1))
+    for lo in range(0, len(query_rows) if width else 0, block):
+        query = torch.from_numpy(query_rows[lo : lo + block])
+        similarity = reps[query] @ table
+        own = np.flatnonzero(slot[lo : lo + block] >= 0)
+        similarity[torch.from_numpy(own), torch.from_numpy(slot[lo : lo + block][own])] = -math.inf
+        values, at = torch.topk(similarity, width, dim=1)
+        out[lo : lo + len(query), :width] = np.where(values.numpy() > -math.inf, users[at.numpy()], -1)
     return out
 
 
