@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from dccl_sim.algorithms.cloud_steps import features_of
 from dccl_sim.algorithms.coda import (
     Candidates,
     augmented_samples,
+    candidate_table,
     classifier_scores,
     coda_device_step,
     draw_candidates,
@@ -123,6 +125,21 @@ def test_retrieval_is_seeded_and_independent_of_who_else_asks(synthetic_small) -
         assert np.array_equal(sub[sub_offsets[q] : sub_offsets[q + 1]], samples[offsets[row] : offsets[row + 1]])
     _, _, (_, later) = _retrieve(synthetic_small, some, round_index=2)
     assert not np.array_equal(sub, later)
+
+
+def test_candidates_travel_as_their_features_in_the_wire_dtype(synthetic_small) -> None:
+    data, model = synthetic_small.data, _cloud_model(synthetic_small)
+    _, _, (offsets, samples) = _retrieve(synthetic_small, data.device_ids[:20])
+    table = candidate_table(model, data, offsets, samples, 20, "float16")
+    assert table.features.dtype == np.float16 and len(table.label) == len(np.unique(samples)) < len(samples)
+    x, label, counts = table.of(data.device_ids[:20], data.device_ids[[4, 2]])
+    mine = np.concatenate([samples[offsets[4] : offsets[5]], samples[offsets[2] : offsets[3]]])
+    assert counts.tolist() == [offsets[5] - offsets[4], offsets[3] - offsets[2]]
+    torch.testing.assert_close(x, features_of(model, data, mine, 20), atol=2e-3, rtol=1e-3)
+    assert label.tolist() == data.label[mine].tolist()
+    config = load_config(None, ["strategy=coda"])
+    wire = table.features.shape[1] * table.features.itemsize + table.label.itemsize
+    assert latency.candidate_bytes(config, len(synthetic_small.meta.profile_cardinalities)) == wire
 
 
 def test_a_user_without_pooled_samples_is_nobody_s_neighbour() -> None:

@@ -56,10 +56,6 @@ class Augmentation:
         return x, torch.from_numpy(self.label[rows].astype(np.float32)), (hi - lo).astype(np.int64)
 
     @property
-    def bytes_per_candidate(self) -> int:
-        return self.features.shape[1] * self.features.itemsize + self.label.itemsize
-
-    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.offsets, self.rows, self.features, self.label))
 
