@@ -93,7 +93,7 @@ class DeviceSide:
         self.data = data
         self.window = data.windows(config.data.windows, config.data.pretrain_frac)
         eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
-        self.eval_mask = (data.split == eval_split) & np.isin(data.sample_device, evaluated)
+        self.eval_mask = (data.split == eval_split) & np.isin(data.sample_device, evaluated, kind="table")
         self.models: Models = build_models(spec, config, config.seed)
         for module in (self.models.cloud, self.models.patch, self.models.encoder):
             module.requires_grad_(False)
