@@ -101,6 +101,10 @@ class DeviceRole:
         self.strategy = get_strategy(config.strategy)
         self.side = DeviceSide(config, model_spec(dataset_root), *load_devices(config, dataset_root, self.device_ids))
 
+    def ready(self) -> bool:
+        """Answers once the actor is constructed (its data loaded)."""
+        return True
+
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round."""
         mine = self.device_ids[np.isin(self.device_ids, broadcast.participants)]
