@@ -2,7 +2,8 @@
 
 - `packed_in_process`: the strategy's `device_round` on one `DeviceRole` holding every device, torch on one
   thread. Pure compute: the reference the others' per-device overhead is measured against. Its phases are timed
-  apart by running the step's pieces alone: features (z_0 of the local samples, `DeviceSide.patch_samples`),
+  apart by running the step's pieces alone: features (z_0 of the local samples and each device's hold-out slice
+  for the gate, `DeviceSide.patch_samples`),
   training (`metapatch_device_step`), and the remainder (evaluation, sample selection, result columns).
 - `packed_ray`: `RayRuntime`'s device phase with the default placement (about one pack per CPU), as the round
   loop times it (`t_devices_s`), after the broadcast is in the object store.
