@@ -112,22 +112,6 @@ class DeviceData:
             label=torch.from_numpy(self.label[indices].astype(np.float32)),
         )
 
-    def keep_samples(self, mask: np.ndarray) -> DeviceData:
-        """The same devices and sequences with only the samples under `mask`."""
-        return DeviceData(
-            device_ids=self.device_ids,
-            seq_offsets=self.seq_offsets,
-            seq_items=self.seq_items,
-            n_train=self.n_train,
-            profile=self.profile,
-            sample_device=self.sample_device[mask],
-            item=self.item[mask],
-            label=self.label[mask],
-            seq_pos=self.seq_pos[mask],
-            split=self.split[mask],
-            timestamp=self.timestamp[mask],
-        )
-
     def subset(self, device_ids: np.ndarray) -> DeviceData:
         """The same data restricted to `device_ids` (sorted, all held here)."""
         device_ids = np.asarray(device_ids, dtype=np.int64)

@@ -14,7 +14,7 @@ from dccl_sim.algorithms.device_side import DeviceSide
 from dccl_sim.algorithms.protocol import Broadcast, PackResult
 from dccl_sim.algorithms.strategies import get_strategy
 from dccl_sim.config import SimConfig
-from dccl_sim.data.device_data import SPLIT_TRAIN, DeviceData
+from dccl_sim.data.device_data import DeviceData
 from dccl_sim.data.store import read_devices, read_item_category, read_meta
 from dccl_sim.models.factory import ModelSpec
 
@@ -38,10 +38,8 @@ def load_devices(
     positive they are most of the dataset, and nothing else reads them."""
     meta = read_meta(dataset_root)
     evaluated = metrics.evaluated_devices(config.seed, meta.num_devices, config.metrics.eval_devices)
-    data = read_devices(dataset_root, device_ids)
-    if config.metrics.eval_devices is not None:
-        keep = (data.split == SPLIT_TRAIN) | np.isin(data.sample_device, evaluated, kind="table")
-        data = data.keep_samples(keep)
+    sampled = evaluated if config.metrics.eval_devices is not None else None
+    data = read_devices(dataset_root, device_ids, eval_samples_of=sampled)
     return data, evaluated
 
 
