@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 # index, go in TORCH_PIP_ARGS).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# e.g. make bench BENCH_ARGS="--quick" (a couple of minutes) or BENCH_ARGS="--max-devices 100000"
+BENCH_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test lint format data clean
+.PHONY: install run test lint format data bench clean
 
 install: $(STAMP)
 
@@ -38,6 +40,11 @@ format: $(STAMP)
 
 data: $(STAMP)
 	$(VENV)/bin/dccl-sim data ml100k --out data/ml100k
+
+# the benchmark harness, package `bench` under experiments/ (see its NOTES.md): writes experiments/bench/results/
+# *.json and README_table.md
+bench: $(STAMP)
+	PYTHONPATH=$(CURDIR)/experiments$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -114,7 +114,12 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
         "`start` is the broadcast model the devices began from, `device` the personalized on-device models, "
         "`cloud` the cloud model after the round's update; `tail` is the least active bucket of devices (bucket 0). "
         f"Evaluated on the `{_get(config, 'metrics.split', 'test')}` split with "
-        f"{_get(config, 'data.eval_negatives', '?')} negatives per positive.",
+        f"{_get(config, 'data.eval_negatives', '?')} negatives per positive"
+        + (
+            f", over a fixed seeded sample of {eval_devices:,} devices (`metrics.eval_devices`)."
+            if (eval_devices := _get(config, "metrics.eval_devices")) is not None
+            else "."
+        ),
         "",
     ]
     lines += _table(
@@ -140,7 +145,9 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
     lines += [
         "Measured wall-clock seconds of the simulator's phases (the device phase includes the gather: the time "
         "after the first result arrived), per-device compute time, and the modelled deployment round "
-        "(`sim_round_s`: completion of the last device under the deadline plus the cloud's modelled time).",
+        "(`sim_round_s`: completion of the last device under the deadline plus the cloud's modelled time). Peak "
+        "memory: the driver and every process it started (an embedded Ray's workers included), proportional set "
+        "size, sampled once a second during the round.",
         "",
     ]
     lines += _table(
@@ -158,6 +165,7 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
             ("round s", "t_round_s", ".3g"),
             ("device compute p50 / p95 / max s", None, None),
             ("modelled round s", "sim_round_s", ".3g"),
+            ("peak memory MiB", "peak_memory_mb", ",.0f"),
         ],
     )
     lines += ["", "## Plots", ""]

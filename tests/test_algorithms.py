@@ -16,6 +16,7 @@ from dccl_sim.algorithms.cloud_steps import (
     momodistill_step,
     teacher_weights,
 )
+from dccl_sim.algorithms.device_side import newest_slice_starts
 from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step, train_patches
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, load_config
@@ -254,3 +255,19 @@ def test_dccl_with_zero_beta_has_cloud_only_cloud(tmp_path: Path) -> None:
     cloud_only = _tiny_run(tmp_path, "cloud_only", "strategy=cloud_only", cache="shared")
     dccl = _tiny_run(tmp_path, "dccl", "strategy=dccl", "cloud.beta=0", cache="shared")
     assert [r.cloud_gauc for r in cloud_only.records] == [r.cloud_gauc for r in dccl.records]
+
+
+def test_newest_slice_starts_match_the_per_device_quantile() -> None:
+    rng = np.random.default_rng(3)
+    sizes = np.array([0, 1, 2, 3, 7, 30, 0, 101])
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    # sorted positions per device, with ties (one query's positive and negatives share a position)
+    positions = np.concatenate([np.sort(rng.integers(0, 15, size)) for size in sizes])
+    for frac in (0.1, 0.3, 0.5, 0.9):
+        expected = ends.copy()
+        for m, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
+            if hi > lo:
+                cut = np.quantile(positions[lo:hi], 1.0 - frac, method="higher")
+                expected[m] = lo + np.searchsorted(positions[lo:hi], cut)
+        np.testing.assert_array_equal(newest_slice_starts(positions, starts, ends, frac), expected)

@@ -11,6 +11,7 @@ import pytest
 
 from dccl_sim.config import DataConfig
 from dccl_sim.data.build import BuiltDataset, build_dataset
+from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.data.prepare import prepare_dataset, write_to
 from dccl_sim.data.raw import DataError
 from dccl_sim.data.store import SAMPLE_SCHEMA, read_devices, read_item_category, read_meta
@@ -79,3 +80,16 @@ def test_prepare_dataset_caches_by_settings(ml100k_raw, tmp_path: Path) -> None:
     assert prepare_dataset(config, seed=1) != first
     # a dataset directory given as the source is used as it is
     assert prepare_dataset(config.model_copy(update={"source": first}), seed=5) == first
+
+
+def test_eval_samples_of_keeps_training_samples_and_only_the_chosen_devices_eval_samples(sharded) -> None:
+    _, root = sharded
+    full = read_devices(str(root))
+    chosen = np.array([2, 7])
+    kept = read_devices(str(root), eval_samples_of=chosen)
+    train = full.split == SPLIT_TRAIN
+    assert np.array_equal(kept.item[kept.split == SPLIT_TRAIN], full.item[train])
+    assert set(np.unique(kept.sample_device[kept.split != SPLIT_TRAIN]).tolist()) == {2, 7}
+    assert (kept.split != SPLIT_TRAIN).sum() < (~train).sum()
+    for device in chosen:
+        assert np.array_equal(kept.item[kept.sample_device == device], full.item[full.sample_device == device])

@@ -32,7 +32,9 @@ class CloudSide:
         self.models = build_models(spec, config, config.seed)
         self.window = data.windows(config.data.windows, config.data.pretrain_frac)
         eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
-        self.eval_indices = np.flatnonzero((data.split == eval_split) & np.isin(data.sample_device, evaluated))
+        self.eval_indices = np.flatnonzero(
+            (data.split == eval_split) & np.isin(data.sample_device, evaluated, kind="table")
+        )
         self.num_buckets = len(config.metrics.bucket_quantiles) + 1
         self.bucket_of_device = metrics.activity_buckets(data.n_train, config.metrics.bucket_quantiles)
         # θ̃: each device's starting meta-patch; never-seen devices start from the encoder's cold start

@@ -33,6 +33,24 @@ def group_by_device(data: DeviceData, device_ids: np.ndarray, mask: np.ndarray) 
     return RoundSamples(indices, bounds[:-1], bounds[1:])
 
 
+def newest_slice_starts(positions: np.ndarray, starts: np.ndarray, ends: np.ndarray, frac: float) -> np.ndarray:
+    """Where each device's newest slice begins: the first of its rows whose position is at least the (1 − frac)
+    quantile (numpy's "higher" method) of its positions, so samples of one query never straddle the cut.
+    `positions` must be non-decreasing within each device's rows [starts[m], ends[m]); empty devices get `ends`."""
+    lengths = ends - starts
+    out = ends.copy()
+    has = lengths > 0
+    if not has.any():
+        return out
+    cut = positions[starts[has] + np.ceil((lengths[has] - 1) * (1.0 - frac)).astype(np.int64)]
+    # one sorted key over all devices: (device row, position); searchsorted finds each cut's first row
+    span = int(positions.max()) + 1
+    rows = np.repeat(np.arange(len(starts), dtype=np.int64), lengths)
+    key = rows * span + positions.astype(np.int64)
+    out[has] = np.searchsorted(key, np.flatnonzero(has) * span + cut, side="left")
+    return out
+
+
 def device_eval_columns(
     data: DeviceData, samples: RoundSamples, device_ids: np.ndarray, scores: np.ndarray, k: int
 ) -> dict[str, np.ndarray]:
@@ -75,7 +93,7 @@ class DeviceSide:
         self.data = data
         self.window = data.windows(config.data.windows, config.data.pretrain_frac)
         eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
-        self.eval_mask = (data.split == eval_split) & np.isin(data.sample_device, evaluated)
+        self.eval_mask = (data.split == eval_split) & np.isin(data.sample_device, evaluated, kind="table")
         self.models: Models = build_models(spec, config, config.seed)
         for module in (self.models.cloud, self.models.patch, self.models.encoder):
             module.requires_grad_(False)
@@ -101,11 +119,7 @@ class DeviceSide:
         """The local samples with z_0 cached and each device's newest slice (by query position) marked for the gate;
         `x`, the samples' top-MLP inputs when the caller has them already, saves computing them again."""
         positions = self.data.seq_pos[local.indices]
-        holdout_start = local.ends.copy()
-        for row, (start, end) in enumerate(zip(local.starts, local.ends, strict=True)):
-            if end > start:
-                cut = np.quantile(positions[start:end], 1.0 - self.config.device.gate_frac, method="higher")
-                holdout_start[row] = start + np.searchsorted(positions[start:end], cut)
+        holdout_start = newest_slice_starts(positions, local.starts, local.ends, self.config.device.gate_frac)
         return LocalSamples(
             z0=self.z0(local) if x is None else self.models.cloud.first_hidden(x),
             label=torch.from_numpy(self.data.label[local.indices].astype(np.float32)),

@@ -69,7 +69,13 @@ class DeviceData:
 
     @property
     def sample_row(self) -> np.ndarray:
-        return self.rows_of(self.sample_device)
+        """Local row of each sample's device. Samples are sorted by device, so the rows follow from each device's
+        sample count (D binary searches instead of S)."""
+        left = np.searchsorted(self.sample_device, self.device_ids, side="left")
+        counts = np.searchsorted(self.sample_device, self.device_ids, side="right") - left
+        if counts.sum() != self.num_samples or np.any(np.diff(left) < 0):
+            return self.rows_of(self.sample_device)  # unsorted or foreign samples: the general path (and its error)
+        return np.repeat(np.arange(self.num_devices), counts)
 
     def query_ids(self, indices: np.ndarray | None = None) -> np.ndarray:
         """One id per (device, position): a positive and the negatives sampled for it share it."""
@@ -80,12 +86,14 @@ class DeviceData:
         """Per-sample time window (DESIGN.md §4): -1 pretraining, 0..rounds-1 a round's window, `rounds` for
         validation and test samples. A device's first `pretrain_frac` of training interactions pretrain the
         cloud; the rest are cut into `rounds` equal windows by position."""
-        n_train = self.n_train[self.sample_row].astype(np.int64)
+        out = np.full(self.num_samples, rounds, dtype=np.int16)
+        train = np.flatnonzero(self.split == SPLIT_TRAIN)  # a small share of the samples at 99 eval negatives
+        n_train = self.n_train[self.sample_row[train]].astype(np.int64)
         n_pre = np.floor(pretrain_frac * n_train).astype(np.int64)
         span = np.maximum(n_train - n_pre, 1)
-        window = ((self.seq_pos - n_pre) * rounds) // span
-        window = np.where(self.seq_pos < n_pre, PRETRAIN_WINDOW, window)
-        return np.where(self.split == SPLIT_TRAIN, window, rounds).astype(np.int16)
+        pos = self.seq_pos[train].astype(np.int64)
+        out[train] = np.where(pos < n_pre, PRETRAIN_WINDOW, ((pos - n_pre) * rounds) // span)
+        return out
 
     def batch(self, indices: np.ndarray, history_len: int) -> Batch:
         """Build the model batch of the samples `indices`, deriving histories from the sequences."""

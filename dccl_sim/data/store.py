@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dccl_sim.data.build import FORMAT_VERSION, BuiltDataset, DatasetMeta
-from dccl_sim.data.device_data import DeviceData
+from dccl_sim.data.device_data import SPLIT_TRAIN, DeviceData
 from dccl_sim.data.raw import DataError
 
 SAMPLE_SCHEMA = pa.schema(
@@ -150,8 +150,19 @@ def _read(fs: pafs.FileSystem, path: str, device_ids: np.ndarray | None, schema:
     return table
 
 
-def read_devices(root: str, device_ids: np.ndarray | None = None) -> DeviceData:
-    """Load the given devices (all when None), reading only the shards that hold them."""
+def _without_eval_samples(samples: pa.Table, keep_for: np.ndarray | None) -> pa.Table:
+    if keep_for is None:
+        return samples
+    evaluated = pc.is_in(samples["device_id"], value_set=pa.array(keep_for, type=pa.int64()))
+    return samples.filter(pc.or_(pc.equal(samples["split"], SPLIT_TRAIN), evaluated))
+
+
+def read_devices(
+    root: str, device_ids: np.ndarray | None = None, eval_samples_of: np.ndarray | None = None
+) -> DeviceData:
+    """Load the given devices (all when None), reading only the shards that hold them. With `eval_samples_of`,
+    validation and test samples are kept only for those devices, dropped shard by shard as they are read (with 99
+    negatives per positive they are most of a dataset)."""
     meta = read_meta(root)
     fs, path = _filesystem(str(root))
     if device_ids is None:
@@ -167,7 +178,12 @@ def read_devices(root: str, device_ids: np.ndarray | None = None) -> DeviceData:
     sequences = pa.concat_tables(
         [_read(fs, _shard_path(path, "sequences", s), selection, SEQUENCE_SCHEMA) for s in shards]
     )
-    samples = pa.concat_tables([_read(fs, _shard_path(path, "samples", s), selection, SAMPLE_SCHEMA) for s in shards])
+    samples = pa.concat_tables(
+        [
+            _without_eval_samples(_read(fs, _shard_path(path, "samples", s), selection, SAMPLE_SCHEMA), eval_samples_of)
+            for s in shards
+        ]
+    )
     if not np.array_equal(devices["device_id"].to_numpy(), device_ids):
         raise DataError(f"{root}/devices.parquet does not list every requested device")
 

@@ -23,6 +23,7 @@ from dccl_sim.runtime.roles import CloudRole, DeviceRole
 
 CloudActor = ray.remote(num_cpus=0)(CloudRole)
 CLOUD_USES_NODE_CPUS = -1
+RESTART_WAIT_S = 600.0  # a restarted actor reloads its devices' data before it answers
 DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceRole)
 
 
@@ -57,6 +58,7 @@ class RayRuntime(Runtime):
         self._started_ray = False
         self._cloud = None
         self._packs: list[Any] = []
+        self._restarting: set[int] = set()  # packs whose actor died in the last device phase
 
     def _init_ray(self) -> None:
         if self.address:
@@ -109,6 +111,7 @@ class RayRuntime(Runtime):
 
     def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
         phase = DevicePhase()
+        self._await_restarts()
         pending = {self._submit(index, handle): index for index in packs}
         start = time.perf_counter()
         first = None
@@ -127,8 +130,24 @@ class RayRuntime(Runtime):
                 if isinstance(error, RayTaskError) and not isinstance(error.cause, RayActorError):
                     raise
                 phase.failed_packs.append(index)
+                self._restarting.add(index)
         phase.gather_s = time.perf_counter() - first if first is not None else 0.0
         return phase
+
+    def _await_restarts(self) -> None:
+        """Wait until the actors that died last round are back: Ray rejects calls to a restarting actor at once
+        (at-most-once tasks), which would lose the pack for a second round."""
+        deadline = time.perf_counter() + RESTART_WAIT_S
+        for index in sorted(self._restarting):
+            while True:
+                try:
+                    ray.get(self._packs[index].ready.remote())
+                    break
+                except RayActorError:
+                    if time.perf_counter() > deadline:
+                        break  # still down: this round reports the pack as failed again
+                    time.sleep(0.2)
+        self._restarting.clear()
 
     def _submit(self, index: int, handle: Any) -> Any:
         return self._packs[index].train_round.remote(handle)

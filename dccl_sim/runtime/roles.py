@@ -14,6 +14,7 @@ from dccl_sim.algorithms.device_side import DeviceSide
 from dccl_sim.algorithms.protocol import Broadcast, PackResult
 from dccl_sim.algorithms.strategies import get_strategy
 from dccl_sim.config import SimConfig
+from dccl_sim.data.device_data import DeviceData
 from dccl_sim.data.store import read_devices, read_item_category, read_meta
 from dccl_sim.models.factory import ModelSpec
 
@@ -28,8 +29,18 @@ def model_spec(dataset_root: str) -> ModelSpec:
     )
 
 
-def evaluated_devices(config: SimConfig, dataset_root: str) -> np.ndarray:
-    return metrics.evaluated_devices(config.seed, read_meta(dataset_root).num_devices, config.metrics.eval_devices)
+def load_devices(
+    config: SimConfig, dataset_root: str, device_ids: np.ndarray | None = None
+) -> tuple[DeviceData, np.ndarray]:
+    """The devices' data and the ids of the devices whose metrics the run reports (`metrics.eval_devices`).
+
+    Validation and test samples of devices outside that sample are dropped on load: with 99 negatives per
+    positive they are most of the dataset, and nothing else reads them."""
+    meta = read_meta(dataset_root)
+    evaluated = metrics.evaluated_devices(config.seed, meta.num_devices, config.metrics.eval_devices)
+    sampled = evaluated if config.metrics.eval_devices is not None else None
+    data = read_devices(dataset_root, device_ids, eval_samples_of=sampled)
+    return data, evaluated
 
 
 class CloudRole:
@@ -41,9 +52,7 @@ class CloudRole:
             torch.set_num_threads((os.cpu_count() or 1) if torch_threads == -1 else torch_threads)
         self.config = config
         self.strategy = get_strategy(config.strategy)
-        self.side = CloudSide(
-            config, model_spec(dataset_root), read_devices(dataset_root), evaluated_devices(config, dataset_root)
-        )
+        self.side = CloudSide(config, model_spec(dataset_root), *load_devices(config, dataset_root))
 
     def pretrain(self, cache_dir: str | None) -> dict[str, float]:
         return self.side.pretrain(Path(cache_dir) if cache_dir else None)
@@ -88,8 +97,11 @@ class DeviceRole:
         self.config = config
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.strategy = get_strategy(config.strategy)
-        data = read_devices(dataset_root, self.device_ids)
-        self.side = DeviceSide(config, model_spec(dataset_root), data, evaluated_devices(config, dataset_root))
+        self.side = DeviceSide(config, model_spec(dataset_root), *load_devices(config, dataset_root, self.device_ids))
+
+    def ready(self) -> bool:
+        """Answers once the actor is constructed (its data loaded)."""
+        return True
 
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round."""

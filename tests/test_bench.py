@@ -1,0 +1,138 @@
+"""The benchmark harness (`make bench`, experiments/bench): each part's quick path on tiny sizes writes well-formed
+results; the exponent fit and the skip reason on hand examples. Behaviour only: no wall-clock bounds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bench import cli, scaling
+from bench.device_phase import actor_skip_reason
+
+SMALL = ["--quick", "--set", "data.eval_negatives=9"]
+
+
+def run(tmp_path: Path, *argv: str) -> dict[str, dict[str, Any]]:
+    """Run the harness into tmp_path; every result file it wrote, by part."""
+    assert cli.main([*SMALL, "--out", str(tmp_path), "--work-dir", str(tmp_path / "work"), *argv]) == 0
+    return {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("*.json")}
+
+
+def assert_recorded(payload: dict[str, Any], part: str) -> None:
+    """The envelope every result file carries: command, machine, versions, load average."""
+    assert payload["part"] == part
+    assert payload["command"].startswith("python -m bench --quick")
+    assert payload["quick"] is True
+    assert payload["machine"]["logical_cores"] >= 1 and payload["machine"]["ram_gib"] > 0
+    assert {"torch", "ray", "python", "dccl_sim_commit"} <= set(payload["versions"])
+    assert len(payload["load_average_start"]) == len(payload["load_average_end"]) == 3
+    assert payload["wall_s"] > 0
+
+
+def test_exponent_of_a_power_law_and_which_points_it_fits() -> None:
+    devices = [1_000, 10_000, 100_000, 1_000_000]
+    assert scaling.scaling_exponent(devices, [3 * n**0.5 for n in devices]) == pytest.approx(0.5)
+    rows = [
+        {"n_devices": n, "mean_t_round_s": t, "mean_t_devices_s": t / 2, "max_round_memory_mb": 100.0 + n / 1000}
+        for n, t in zip(devices, [50.0, 1.0, 10.0, 100.0], strict=True)
+    ]
+    fitted = scaling.fit(rows, fit_from=10_000)  # the 1,000-device point (far off the line) is left out
+    assert fitted["fit_devices"] == [10_000, 100_000, 1_000_000]
+    assert fitted["exponents"]["t_round_s"] == pytest.approx(1.0)
+    assert fitted["exponents"]["t_devices_s"] == pytest.approx(1.0)
+    assert scaling.fit(rows[:2], fit_from=10_000)["fit_devices"] == [1_000, 10_000]  # fewer than two: every point
+    assert scaling.fit(rows[:1], fit_from=10_000)["exponents"] is None
+
+
+def test_skipped_actor_counts_say_how_much_memory_they_would_take() -> None:
+    assert actor_skip_reason(100, 32, 280.0, 23.5) == (
+        "skipped: 100 actors × ~280 MB = 27.3 GiB > RAM 23.5 GiB; one actor per device is measured at 32 devices only"
+    )
+    assert "≤ RAM" in actor_skip_reason(50, 32, 280.0, 23.5)
+    assert "--actor-devices 0" in actor_skip_reason(100, 0, None, 23.5)
+
+
+def test_ceiling_and_flower(tmp_path: Path) -> None:
+    results = run(tmp_path, "--parts", "ceiling,flower", "--matmul-sizes", "64,128", "--repeats", "2")
+    assert set(results) == {"ceiling", "flower"}
+    assert_recorded(results["ceiling"], "ceiling")
+    ceiling = results["ceiling"]["results"]
+    assert [(row["n"], len(row["seconds"])) for row in ceiling["measurements"] if row["threads"] == 1] == [
+        (64, 2),
+        (128, 2),
+    ]
+    assert ceiling["ceiling_flops_one_thread"] > 0 and ceiling["ceiling_flops_all_threads"] > 0
+    flower = results["flower"]["results"]
+    assert flower["status"] in ("not installed", "not run") and "ray" in flower["reason"]
+    table = (tmp_path / "README_table.md").read_text()
+    assert "Quick run" in table and "Hardware ceiling" in table and "Flower" in table
+
+
+def test_device_phase(tmp_path: Path, ray_session) -> None:
+    argv = ["--parts", "ceiling,device_phase", "--matmul-sizes", "64", "--devices", "12", "--actor-devices", "2"]
+    payload = run(tmp_path, *argv)["device_phase"]
+    assert_recorded(payload, "device_phase")
+    points = payload["results"]["points"]
+    assert [p["devices"] for p in points] == [2, 12]
+    for point in points:
+        assert point["samples_trained"] > 0 and point["local_samples_per_device"] > 0
+        assert point["flops_counted"]["total"] > point["flops_counted"]["training"] > 0
+        assert point["flops_modelled"] > 0
+        variants = point["variants"]
+        for name in ("packed_in_process", "packed_training", "loop", "packed_ray"):
+            assert variants[name]["wall_s"] > 0 and variants[name]["samples_per_s"] > 0
+            assert variants[name]["fraction_of_ceiling"] > 0
+        assert set(variants["packed_in_process"]["phases"]) == {"features", "training", "evaluation_and_rest"}
+        # every placement ran the same computation
+        assert variants["loop"]["max_abs_theta_diff"] <= 1e-5
+        assert variants["packed_ray"]["max_abs_theta_diff"] <= 1e-5
+        assert variants["packed_ray"]["same_samples_trained"]
+    measured, skipped = points[0]["variants"]["actor_per_device_ray"], points[1]["variants"]["actor_per_device_ray"]
+    assert measured["actors"] == 2 and measured["memory_per_actor_mb"] > 0
+    assert measured["max_abs_theta_diff"] <= 1e-5
+    assert skipped["skipped"].startswith("skipped: 12 actors × ~")
+    table = (tmp_path / "README_table.md").read_text()
+    assert "| 12 | one actor per device, Ray | skipped: 12 actors" in table
+
+
+def test_scaling(tmp_path: Path) -> None:
+    argv = ["--parts", "scaling", "--scaling-devices", "20,40", "--set", "runtime.backend=local"]
+    payload = run(tmp_path, *argv)["scaling"]
+    assert_recorded(payload, "scaling")
+    results = payload["results"]
+    assert [p["n_devices"] for p in results["points"]] == [20, 40] and results["not_measured"] == []
+    for point in results["points"]:
+        assert point["mean_t_round_s"] > 0 and point["mean_t_devices_s"] > 0
+        assert point["peak_memory_mb"] > 0 and point["max_round_memory_mb"] > 0
+        assert point["mean_participants"] == point["n_devices"]
+    assert results["fit_devices"] == [20, 40]
+    assert all(math.isfinite(a) for a in results["exponents"].values())
+    assert (tmp_path / "scaling_latency.png").stat().st_size > 10_000
+    assert "Scaling exponent" in (tmp_path / "README_table.md").read_text()
+
+
+def test_a_failing_scaling_point_is_recorded_and_larger_ones_skipped(tmp_path: Path) -> None:
+    argv = ["--parts", "scaling", "--scaling-devices", "20,40", "--set", "runtime.backend=local"]
+    # a cache directory that cannot be made: the point's process fails while preparing its data
+    payload = run(tmp_path, *argv, "--set", "data.cache_dir=/dev/null/cache")["scaling"]
+    results = payload["results"]
+    assert results["points"] == [] and results["exponents"] is None
+    failed, skipped = results["not_measured"]
+    assert failed["n_devices"] == 20 and failed["reason"].startswith("failed: ")
+    assert skipped == {"n_devices": 40, "reason": "skipped: 20 devices failed"}
+
+
+def test_broadcast(tmp_path: Path, ray_session) -> None:
+    argv = ["--parts", "broadcast", "--broadcast-devices", "10", "--broadcast-actors", "1,2"]
+    payload = run(tmp_path, *argv)["broadcast"]
+    assert_recorded(payload, "broadcast")
+    results = payload["results"]
+    assert results["devices"] == 10 and results["model_and_patch_bytes"] > 0
+    k = 16  # patch.k: each participant's starting meta-patch, float32, and its int64 id ride along
+    for row in results["measurements"]:
+        assert row["bytes_per_actor"] == results["model_and_patch_bytes"] + 10 * (8 + 4 * k)
+        assert row["build_s"] > 0 and row["deliver_s"] > 0 and row["empty_call_s"] > 0
+    assert [row["actors"] for row in results["measurements"]] == [1, 2]
