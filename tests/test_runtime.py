@@ -14,6 +14,7 @@ from dccl_sim.config import SimConfig, load_config
 from dccl_sim.runtime.driver import sample_participants
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.ray_runtime import RayRuntime, RuntimeStartError
+from dccl_sim.runtime.records import LATER_DEVICE_COLUMNS
 from dccl_sim.runtime.session import resume_state, run
 
 SMALL = [
@@ -114,6 +115,17 @@ def test_resume_and_extend_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     assert state.next_round == 2
     run(config, state)
     assert_same_results(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_a_run_written_before_the_coda_columns_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    run(small_config(out, "runtime.backend=local", "rounds=1"))
+    table = pq.read_table(out / "devices.parquet")
+    pq.write_table(table.drop_columns(list(LATER_DEVICE_COLUMNS)), out / "devices.parquet")
+    config, state = resume_state(out, ["rounds=2"])
+    assert np.isnan(state.device_frames[0]["flops"]).all() and (state.device_frames[0]["n_kept"] == 0).all()
+    run(config, state)
+    assert pq.read_table(out / "rounds.parquet").num_rows == 2
 
 
 class KillingRuntime(RayRuntime):

@@ -113,8 +113,19 @@ def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
     pq.write_table(table, path)
 
 
+# columns added after the first release, and the value rows written before them get, so older runs resume
+LATER_DEVICE_COLUMNS = {"flops": np.nan, "n_candidates": 0, "n_kept": 0, "candidate_bytes": 0, "classifier_s": np.nan}
+
+
 def read_devices_records(path: str) -> list[dict[str, np.ndarray]]:
     table = pq.read_table(path)
     rounds = table["round"].to_numpy()
-    columns = {name: table[name].to_numpy() for name in DEVICE_RECORD_COLUMNS}
+    columns = {
+        name: table[name].to_numpy()
+        if name in table.column_names
+        else np.full(
+            len(rounds), LATER_DEVICE_COLUMNS[name], dtype=np.float64 if name in ("flops", "classifier_s") else np.int64
+        )
+        for name in DEVICE_RECORD_COLUMNS
+    }
     return [{name: values[rounds == r] for name, values in columns.items()} for r in np.unique(rounds)]
