@@ -381,7 +381,7 @@ def _plot_gain(devices, config, path: Path) -> tuple[str, str]:
     last = devices["round"] == shown[-1]
     per_bucket = np.bincount(buckets[last & np.isfinite(gain)], minlength=count)
     ax.set_xticks(np.arange(count), _bucket_labels(config, per_bucket))
-    ax.set_xlabel(f"activity bucket (quantile range of training interactions); n = devices in round {shown[-1]}")
+    ax.set_xlabel(f"activity bucket (quantile range of training interactions); n = evaluated in round {shown[-1]}")
     ax.set_ylabel("AUC gain: device − start")
     ax.set_title("Personalization gain per device, mean ± 95% CI")
     ax.grid(axis="y", alpha=0.3)
