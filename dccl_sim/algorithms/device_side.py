@@ -86,14 +86,13 @@ def device_eval_columns(
 class DeviceSide:
     """The devices of one pack: their local data, the broadcast models, and the step of the run's strategy."""
 
-    def __init__(self, config: SimConfig, spec: ModelSpec, data: DeviceData, evaluated: np.ndarray) -> None:
-        """`evaluated`: the (global, sorted) ids of the devices whose metrics the run reports."""
+    def __init__(self, config: SimConfig, spec: ModelSpec, data: DeviceData) -> None:
         self.config = config
         self.spec = spec
         self.data = data
         self.window = data.windows(config.data.windows, config.data.pretrain_frac)
         eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
-        self.eval_mask = (data.split == eval_split) & np.isin(data.sample_device, evaluated, kind="table")
+        self.eval_mask = data.split == eval_split
         self.models: Models = build_models(spec, config, config.seed)
         for module in (self.models.cloud, self.models.patch, self.models.encoder):
             module.requires_grad_(False)

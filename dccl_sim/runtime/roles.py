@@ -29,18 +29,15 @@ def model_spec(dataset_root: str) -> ModelSpec:
     )
 
 
-def load_devices(
-    config: SimConfig, dataset_root: str, device_ids: np.ndarray | None = None
-) -> tuple[DeviceData, np.ndarray]:
-    """The devices' data and the ids of the devices whose metrics the run reports (`metrics.eval_devices`).
-
-    Validation and test samples of devices outside that sample are dropped on load: with 99 negatives per
-    positive they are most of the dataset, and nothing else reads them."""
-    meta = read_meta(dataset_root)
-    evaluated = metrics.evaluated_devices(config.seed, meta.num_devices, config.metrics.eval_devices)
-    sampled = evaluated if config.metrics.eval_devices is not None else None
-    data = read_devices(dataset_root, device_ids, eval_samples_of=sampled)
-    return data, evaluated
+def load_devices(config: SimConfig, dataset_root: str, device_ids: np.ndarray | None = None) -> DeviceData:
+    """The devices' data, with validation and test samples only for the devices whose metrics the run reports
+    (`metrics.eval_devices`): the sides evaluate whatever evaluation samples they hold. The others are dropped on
+    load: with 99 negatives per positive they are most of the dataset, and nothing else reads them."""
+    if config.metrics.eval_devices is None:
+        return read_devices(dataset_root, device_ids)
+    num_devices = read_meta(dataset_root).num_devices
+    evaluated = metrics.evaluated_devices(config.seed, num_devices, config.metrics.eval_devices)
+    return read_devices(dataset_root, device_ids, eval_samples_of=evaluated)
 
 
 class CloudRole:
@@ -52,7 +49,7 @@ class CloudRole:
             torch.set_num_threads((os.cpu_count() or 1) if torch_threads == -1 else torch_threads)
         self.config = config
         self.strategy = get_strategy(config.strategy)
-        self.side = CloudSide(config, model_spec(dataset_root), *load_devices(config, dataset_root))
+        self.side = CloudSide(config, model_spec(dataset_root), load_devices(config, dataset_root))
 
     def pretrain(self, cache_dir: str | None) -> dict[str, float]:
         return self.side.pretrain(Path(cache_dir) if cache_dir else None)
@@ -97,7 +94,7 @@ class DeviceRole:
         self.config = config
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.strategy = get_strategy(config.strategy)
-        self.side = DeviceSide(config, model_spec(dataset_root), *load_devices(config, dataset_root, self.device_ids))
+        self.side = DeviceSide(config, model_spec(dataset_root), load_devices(config, dataset_root, self.device_ids))
 
     def ready(self) -> bool:
         """Answers once the actor is constructed (its data loaded)."""
