@@ -11,8 +11,10 @@ stopped or a resumed run. Plots use matplotlib's Agg backend and are saved next 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,15 @@ def bucket_gauc(devices: dict[str, np.ndarray], round_index: int, column: str, n
     n_test = devices["n_test"][rows].astype(np.float64)
     per_bucket = [metrics.pooled_gauc(auc[bucket == b], n_test[bucket == b]) for b in range(n_buckets)]
     return [*per_bucket, metrics.pooled_gauc(auc, n_test)]
+
+
+def bucket_column_labels(quantiles: Sequence[float]) -> list[str]:
+    """Labels of `bucket_gauc`'s entries: each bucket's activity quantile range (the first marked as the tail),
+    then "all"."""
+    edges = [0.0, *quantiles, 1.0]
+    labels = [f"{lo:.0%}–{hi:.0%}" for lo, hi in itertools.pairwise(edges)]
+    labels[0] += " (tail)"
+    return [*labels, "all"]
 
 
 def _columns(path: Path) -> dict[str, np.ndarray]:

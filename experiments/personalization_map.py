@@ -20,7 +20,6 @@ history 20) a user's whole past fits in the model's input and no deviation stren
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import platform
@@ -39,7 +38,7 @@ import torch
 from cli_args import csv_list
 
 from dccl_sim.config import ConfigError, load_config
-from dccl_sim.report import bucket_gauc, load_run
+from dccl_sim.report import bucket_column_labels, bucket_gauc, load_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,13 +118,6 @@ def summarize(cells: dict[float, list[dict]], rounds: int) -> dict[str, Any]:
     return out
 
 
-def column_labels(quantiles: list[float]) -> list[str]:
-    edges = [0.0, *quantiles, 1.0]
-    labels = [f"{lo:.0%}–{hi:.0%}" for lo, hi in itertools.pairwise(edges)]
-    labels[0] += " (tail)"
-    return [*labels, "all"]
-
-
 def _heat(ax, grid: np.ndarray, rows: list[str], cols: list[str], title: str, limit: float) -> None:
     image = ax.imshow(grid * 1000, cmap="RdBu", vmin=-limit * 1000, vmax=limit * 1000, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
@@ -141,7 +133,7 @@ def _heat(ax, grid: np.ndarray, rows: list[str], cols: list[str], title: str, li
 def plot(summary: dict[str, Any], quantiles: list[float], rounds: int, path: Path) -> None:
     deviations = list(summary)
     rows = [f"deviation {float(d):g}" for d in deviations]
-    cols = column_labels(quantiles)
+    cols = bucket_column_labels(quantiles)
     panels = [
         (
             np.array([summary[d]["personalization_gain"][s] for d in deviations]),
@@ -167,7 +159,7 @@ def _cell(mean: float, std: float) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    cols = column_labels(results["bucket_quantiles"])
+    cols = bucket_column_labels(results["bucket_quantiles"])
     header = ["| deviation | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines = [
         "# Where DCCL wins: gains over personal deviation × user activity × cloud staleness (synthetic, valid)",

@@ -18,7 +18,6 @@ update W_{t+1}; `tail` is the least active quarter of users (activity bucket 0).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import platform
@@ -37,7 +36,7 @@ import torch
 from cli_args import csv_list
 
 from dccl_sim.config import STRATEGIES, ConfigError, load_config
-from dccl_sim.report import bucket_gauc, load_run
+from dccl_sim.report import bucket_column_labels, bucket_gauc, load_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -178,13 +177,6 @@ def _pm(row: dict[str, Any], name: str, signed: bool = False) -> str:
     return f"{mean} ± {row[f'{name}_std']:.4f}" if row["n_seeds"] > 1 and mean != "—" else mean
 
 
-def bucket_labels(quantiles: list[float]) -> list[str]:
-    edges = [0.0, *quantiles, 1.0]
-    labels = [f"{lo:.0%}–{hi:.0%}" for lo, hi in itertools.pairwise(edges)]
-    labels[0] += " (tail)"
-    return [*labels, "all"]
-
-
 def markdown(results: dict[str, Any]) -> str:
     split, seeds, mean = results["split"], results["seeds"], results["mean"]
     several = len(seeds) > 1
@@ -244,7 +236,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["| strategy | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---|" + "---|" * len(rounds)]
         for strategy, rows in mean.items():
             lines.append(f"| {strategy} | " + " | ".join(_pm(r, "cloud_gain", True) for r in rows) + " |")
-    labels = bucket_labels(results["bucket_quantiles"])
+    labels = bucket_column_labels(results["bucket_quantiles"])
     for r_index in sorted({0, results["rounds"] - 1}):
         lines += ["", f"## Personalization gain (device − start GAUC) by user activity, round {r_index}", ""]
         lines += ["| strategy | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
@@ -301,7 +293,7 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     fig.savefig(rounds_png, dpi=120)
     plt.close(fig)
 
-    labels = bucket_labels(results["bucket_quantiles"])
+    labels = bucket_column_labels(results["bucket_quantiles"])
     personalized = [s for s in mean if s != "cloud_only"]
     last = results["rounds"] - 1
     fig, axes = plt.subplots(1, 2 if last > 0 else 1, figsize=(12 if last > 0 else 7, 4), constrained_layout=True)
