@@ -114,7 +114,13 @@ def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
 
 
 # columns added after the first release, and the value rows written before them get, so older runs resume
-LATER_DEVICE_COLUMNS = {"flops": np.nan, "n_candidates": 0, "n_kept": 0, "candidate_bytes": 0, "classifier_s": np.nan}
+LATER_DEVICE_COLUMNS = {
+    "flops": np.float64(np.nan),
+    "n_candidates": np.int64(0),
+    "n_kept": np.int64(0),
+    "candidate_bytes": np.int64(0),
+    "classifier_s": np.float64(np.nan),
+}
 
 
 def read_devices_records(path: str) -> list[dict[str, np.ndarray]]:
@@ -123,9 +129,7 @@ def read_devices_records(path: str) -> list[dict[str, np.ndarray]]:
     columns = {
         name: table[name].to_numpy()
         if name in table.column_names
-        else np.full(
-            len(rounds), LATER_DEVICE_COLUMNS[name], dtype=np.float64 if name in ("flops", "classifier_s") else np.int64
-        )
+        else np.full(len(rounds), LATER_DEVICE_COLUMNS[name])  # the value's dtype is the column's
         for name in DEVICE_RECORD_COLUMNS
     }
     return [{name: values[rounds == r] for name, values in columns.items()} for r in np.unique(rounds)]
