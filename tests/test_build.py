@@ -9,7 +9,7 @@ import pytest
 
 from dccl_sim.config import DataConfig
 from dccl_sim.data.build import build_dataset, split_sizes
-from dccl_sim.data.device_data import PRETRAIN_WINDOW, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from dccl_sim.data.device_data import PRETRAIN_WINDOW, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
 from dccl_sim.data.raw import DataError, RawDataset
 
 
@@ -128,3 +128,26 @@ def test_ml100k_build_covers_every_user_with_valid_and_test(ml100k_small) -> Non
     assert ml100k_small.meta.num_items == 1682
     for split in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST):
         assert np.array_equal(np.unique(data.sample_device[data.split == split]), data.device_ids)
+
+
+def test_sample_rows_hold_for_sorted_and_unsorted_samples() -> None:
+    def data_with(sample_device: np.ndarray) -> DeviceData:
+        n = len(sample_device)
+        return DeviceData(
+            device_ids=np.array([3, 5, 9]),
+            seq_offsets=np.array([0, 1, 2, 3]),
+            seq_items=np.array([1, 2, 3], dtype=np.int32),
+            n_train=np.array([1, 1, 1], dtype=np.int32),
+            profile=np.zeros((3, 0), dtype=np.int64),
+            sample_device=sample_device,
+            item=np.ones(n, dtype=np.int32),
+            label=np.zeros(n, dtype=np.int8),
+            seq_pos=np.zeros(n, dtype=np.int32),
+            split=np.zeros(n, dtype=np.int8),
+            timestamp=np.zeros(n, dtype=np.int64),
+        )
+
+    np.testing.assert_array_equal(data_with(np.array([3, 3, 9, 9, 9])).sample_row, [0, 0, 2, 2, 2])
+    np.testing.assert_array_equal(data_with(np.array([9, 3, 5, 3])).sample_row, [2, 0, 1, 0])
+    with pytest.raises(KeyError):
+        _ = data_with(np.array([3, 4])).sample_row

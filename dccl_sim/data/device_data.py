@@ -73,7 +73,7 @@ class DeviceData:
         sample count (D binary searches instead of S)."""
         left = np.searchsorted(self.sample_device, self.device_ids, side="left")
         counts = np.searchsorted(self.sample_device, self.device_ids, side="right") - left
-        if counts.sum() != self.num_samples or np.any(np.diff(left) < 0):
+        if counts.sum() != self.num_samples or np.any(np.diff(self.sample_device) < 0):
             return self.rows_of(self.sample_device)  # unsorted or foreign samples: the general path (and its error)
         return np.repeat(np.arange(self.num_devices), counts)
 
