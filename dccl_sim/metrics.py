@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dccl_sim.seeding import seeded_generator
+
 __all__ = [
     "Evaluation",
     "GroupAUC",
@@ -268,7 +270,7 @@ def evaluated_devices(seed: int, num_devices: int, cap: int | None) -> np.ndarra
     on (seed, number of devices), so every round and every actor agree on it."""
     if cap is None or cap >= num_devices:
         return np.arange(num_devices, dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 0xE7A1]))
+    rng = seeded_generator(seed, 0xE7A1)
     return np.sort(rng.choice(num_devices, size=cap, replace=False)).astype(np.int64)
 
 

@@ -12,7 +12,8 @@ from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
-from dccl_sim.models.training import ExtraLoss, fit, seeded_generator
+from dccl_sim.models.training import ExtraLoss, fit
+from dccl_sim.seeding import seeded_generator
 
 
 def binary_kl_with_temperature(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):

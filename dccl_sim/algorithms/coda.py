@@ -28,7 +28,7 @@ from dccl_sim.config import CodaConfig, DeviceConfig
 from dccl_sim.data.device_data import DeviceData
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch
-from dccl_sim.models.training import seeded_generator
+from dccl_sim.seeding import seeded_generator
 
 # similarity blocks hold at most this many entries ([block, num_devices] float32: 64 MiB)
 BLOCK_ENTRIES = 1 << 24

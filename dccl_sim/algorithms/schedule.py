@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dccl_sim.models.training import seeded_generator
+from dccl_sim.seeding import seeded_generator
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,10 @@ import torch
 from torch import nn
 
 from dccl_sim.data.device_data import Batch, DeviceData
+from dccl_sim.seeding import seeded_generator
 
 # extra loss on a minibatch: (logits, batch, sample indices) -> scalar
 ExtraLoss = Callable[[torch.Tensor, Batch, np.ndarray], torch.Tensor]
-
-
-def seeded_generator(*keys: int) -> np.random.Generator:
-    """A NumPy generator derived from integer keys such as (seed, round, device id), never from process state."""
-    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
 
 
 def fit(

@@ -19,13 +19,13 @@ from dccl_sim.algorithms.protocol import concat_results
 from dccl_sim.config import SimConfig
 from dccl_sim.data.prepare import prepare_dataset
 from dccl_sim.data.store import read_meta
-from dccl_sim.models.training import seeded_generator
 from dccl_sim.runtime import latency
 from dccl_sim.runtime.base import Runtime
 from dccl_sim.runtime.memory import MemoryMonitor
 from dccl_sim.runtime.observers import Observer
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.records import RoundRecord
+from dccl_sim.seeding import seeded_generator
 
 
 @dataclass
