@@ -56,6 +56,10 @@ class DataConfig(Section):
     history_len: PositiveInt = 20
     train_negatives: Annotated[int, Field(ge=0)] = 2
     eval_negatives: PositiveInt = 99
+    # False: evaluation negatives are sampled once and stored (99 per positive: most of a dataset's rows);
+    # True: they are drawn when a device's data is loaded, from (seed, device, position, j) alone, so any process
+    # loading a device draws the same ones; for 10^5+ devices, where storing them would not fit.
+    eval_negatives_on_load: bool = False
     test_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     valid_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrain_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5

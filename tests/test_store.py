@@ -93,3 +93,35 @@ def test_eval_samples_of_keeps_training_samples_and_only_the_chosen_devices_eval
     assert (kept.split != SPLIT_TRAIN).sum() < (~train).sum()
     for device in chosen:
         assert np.array_equal(kept.item[kept.sample_device == device], full.item[full.sample_device == device])
+
+
+def test_eval_negatives_drawn_on_load_match_the_stored_layout_for_any_subset(ml100k_raw, tmp_path: Path) -> None:
+    config = DataConfig(num_devices=50, eval_negatives=5, shard_size=16)
+    stored = build_dataset(ml100k_raw, config, seed=0)
+    lazy = build_dataset(ml100k_raw, config.model_copy(update={"eval_negatives_on_load": True}), seed=0)
+    write_to(lazy, tmp_path / "lazy")
+    root = str(tmp_path / "lazy")
+    assert (lazy.data.label[lazy.data.split != SPLIT_TRAIN] == 1).all()  # no evaluation negatives are written
+    loaded = read_devices(root)
+    # the same rows as a dataset with stored negatives, except the negative items themselves
+    for name in ("sample_device", "seq_pos", "split", "label", "timestamp"):
+        assert np.array_equal(getattr(loaded, name), getattr(stored.data, name)), name
+    positive = loaded.label == 1
+    assert np.array_equal(loaded.item[positive], stored.data.item[positive])
+    train = loaded.split == SPLIT_TRAIN
+    negative = ~train & ~positive
+    assert not np.array_equal(loaded.item[negative], stored.data.item[negative])
+    seq_device = np.repeat(loaded.device_ids, np.diff(loaded.seq_offsets))
+    touched = set(zip(seq_device.tolist(), loaded.seq_items.tolist(), strict=True))
+    pairs = zip(loaded.sample_device[negative].tolist(), loaded.item[negative].tolist(), strict=True)
+    assert not any(pair in touched for pair in pairs)
+    assert len(np.unique(loaded.item[negative])) > 50  # spread over the catalogue, not a few items
+    # a process loading only some devices draws the same negatives for them, with or without other devices' eval rows
+    some = np.array([3, 17, 40])
+    assert np.array_equal(read_devices(root, some).item, loaded.item[np.isin(loaded.sample_device, some)])
+    mine = np.isin(loaded.sample_device, some) & (train | np.isin(loaded.sample_device, some[:2]))
+    assert np.array_equal(read_devices(root, some, eval_samples_of=some[:2]).item, loaded.item[mine])
+    # another seed draws other negatives
+    other = build_dataset(ml100k_raw, config.model_copy(update={"eval_negatives_on_load": True}), seed=1)
+    write_to(other, tmp_path / "other")
+    assert not np.array_equal(read_devices(str(tmp_path / "other")).item, loaded.item)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -30,6 +30,7 @@ class DatasetMeta(BaseModel):
     history_len: int
     train_negatives: int
     eval_negatives: int
+    eval_negatives_on_load: bool = False
     test_frac: float
     valid_frac: float
     min_interactions: int
@@ -79,6 +80,68 @@ def sample_negatives(
             return items
         items[pending] = rng.integers(1, num_items + 1, size=len(pending))
     raise DataError("could not sample negatives: some user has interacted with nearly every item")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: a bijective scramble of uint64 values (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_negatives(
+    seed: int, owner: np.ndarray, position: np.ndarray, count: int, touched_keys: np.ndarray, num_items: int
+) -> np.ndarray:
+    """[Q, count] items in 1..num_items that device `owner[q]` never touched, each drawn from a hash of (seed,
+    owner, position, j, attempt) alone: whichever process draws them, and for whichever subset of devices, the
+    negatives of a query are the same. `touched_keys` as in `sample_negatives`."""
+    with np.errstate(over="ignore"):
+        query = _mix64(np.uint64(seed & (2**64 - 1)) ^ _mix64(owner.astype(np.uint64) << np.uint64(QUERY_POS_BITS)))
+        query = _mix64(query ^ position.astype(np.uint64))
+        keys = (query[:, None] ^ (np.arange(count, dtype=np.uint64)[None, :] << np.uint64(40))).ravel()
+        owners = np.repeat(owner.astype(np.int64), count)
+        items = np.empty(len(keys), dtype=np.int64)
+        pending = np.arange(len(keys))
+        stride = num_items + 1
+        for attempt in range(1000):
+            drawn = _mix64(keys[pending] ^ np.uint64(attempt)) % np.uint64(num_items)
+            items[pending] = drawn.astype(np.int64) + 1
+            wanted = owners[pending] * stride + items[pending]
+            at = np.minimum(np.searchsorted(touched_keys, wanted), len(touched_keys) - 1)
+            pending = pending[touched_keys[at] == wanted]
+            if len(pending) == 0:
+                return items.reshape(len(owner), count)
+    raise DataError("could not draw evaluation negatives: some user has interacted with nearly every item")
+
+
+def with_eval_negatives(data: DeviceData, count: int, num_items: int, seed: int) -> DeviceData:
+    """`data` whose validation and test positives are each followed by `count` negatives drawn by
+    `counter_negatives`: the layout a dataset with stored evaluation negatives has."""
+    query = np.flatnonzero((data.split != SPLIT_TRAIN) & (data.label == 1))
+    if len(query) == 0:
+        return data
+    seq_device = np.repeat(data.device_ids, np.diff(data.seq_offsets))
+    touched = np.unique(seq_device * (num_items + 1) + data.seq_items)
+    owner = data.sample_device[query].astype(np.int64)
+    negatives = counter_negatives(seed, owner, data.seq_pos[query], count, touched, num_items)
+    copies = np.ones(len(data.label), dtype=np.int64)
+    copies[query] += count
+    source = np.repeat(np.arange(len(copies)), copies)
+    first = np.concatenate([[0], np.cumsum(copies)[:-1]])
+    negative_slot = (first[query][:, None] + np.arange(1, count + 1)[None, :]).ravel()
+    item = data.item[source]
+    item[negative_slot] = negatives.ravel()
+    label = data.label[source]
+    label[negative_slot] = 0
+    return replace(
+        data,
+        sample_device=data.sample_device[source],
+        item=item,
+        label=label,
+        seq_pos=data.seq_pos[source],
+        split=data.split[source],
+        timestamp=data.timestamp[source],
+    )
 
 
 def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDataset:
@@ -139,7 +202,8 @@ def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDatase
     touched = np.unique(device * (num_items + 1) + item)
     if np.any(np.bincount(touched // (num_items + 1), minlength=len(kept)) >= num_items):
         raise DataError(f"{raw.name}: a user has interacted with every item; no negatives can be sampled")
-    negatives_per = np.where(split == SPLIT_TRAIN, config.train_negatives, config.eval_negatives)
+    stored_eval_negatives = 0 if config.eval_negatives_on_load else config.eval_negatives
+    negatives_per = np.where(split == SPLIT_TRAIN, config.train_negatives, stored_eval_negatives)
     negative_items = sample_negatives(rng, device, negatives_per, touched, num_items)
     source_of_negative = np.repeat(np.arange(len(device)), negatives_per)
 
@@ -180,6 +244,7 @@ def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDatase
         history_len=config.history_len,
         train_negatives=config.train_negatives,
         eval_negatives=config.eval_negatives,
+        eval_negatives_on_load=config.eval_negatives_on_load,
         test_frac=config.test_frac,
         valid_frac=config.valid_frac,
         min_interactions=config.min_interactions,

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dccl_sim.data.build import FORMAT_VERSION, BuiltDataset, DatasetMeta
+from dccl_sim.data.build import FORMAT_VERSION, BuiltDataset, DatasetMeta, with_eval_negatives
 from dccl_sim.data.device_data import SPLIT_TRAIN, DeviceData
 from dccl_sim.data.raw import DataError
 
@@ -162,7 +162,8 @@ def read_devices(
 ) -> DeviceData:
     """Load the given devices (all when None), reading only the shards that hold them. With `eval_samples_of`,
     validation and test samples are kept only for those devices, dropped shard by shard as they are read (with 99
-    negatives per positive they are most of a dataset)."""
+    negatives per positive they are most of a dataset). A dataset built with `eval_negatives_on_load` draws the
+    kept evaluation positives' negatives here (`with_eval_negatives`)."""
     meta = read_meta(root)
     fs, path = _filesystem(str(root))
     if device_ids is None:
@@ -199,7 +200,7 @@ def read_devices(
     item = samples["item_id"].to_numpy()
     if len(item) and (item.min() < 1 or item.max() > meta.num_items):
         raise DataError(f"{root}: samples name item ids outside 1..{meta.num_items} (unknown items)")
-    return DeviceData(
+    data = DeviceData(
         device_ids=device_ids,
         seq_offsets=np.concatenate([[0], np.cumsum(n_interactions)]).astype(np.int64),
         seq_items=seq_items,
@@ -212,6 +213,9 @@ def read_devices(
         split=samples["split"].to_numpy(),
         timestamp=samples["timestamp"].to_numpy(),
     )
+    if meta.eval_negatives_on_load:
+        data = with_eval_negatives(data, meta.eval_negatives, meta.num_items, meta.seed)
+    return data
 
 
 def new_temp_path(root: str) -> str:
