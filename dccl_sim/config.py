@@ -205,6 +205,9 @@ class RuntimeConfig(Section):
     participation: Fraction = 1.0
     deadline_s: PositiveFloat | None = None
     torch_threads: PositiveInt | None = None
+    # a pack trains its devices in chunks of this many, one after another: memory stays bounded (a device's
+    # round needs a few hundred KB while it trains) and results do not depend on it
+    chunk_devices: PositiveInt = 16384
 
 
 class LatencyConfig(Section):

@@ -22,7 +22,7 @@ from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.models.din import CloudModel
-from dccl_sim.models.metapatch import MetaPatch
+from dccl_sim.models.metapatch import MetaPatch, row_tiles
 from dccl_sim.runtime.session import run
 
 K_PATCH, RANK = 16, 4
@@ -91,6 +91,36 @@ def test_gradient_reaches_the_meta_patch_at_zero() -> None:
     loss.backward()
     assert theta.grad is not None and theta.grad.abs().sum() > 0
     assert (theta.grad.abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("tile", [32, 8])
+def test_grouped_patch_equals_the_per_sample_patch_with_its_gradients(tile: int) -> None:
+    """One patch matrix per device applied over tiles of its rows is the same function as (u ⊗ θ) Θᵀ per row:
+    values, gradients w.r.t. θ and G, for devices of 1 to 70 rows in any row order; θ = 0 stays exact."""
+    model, patch = _models()
+    patch.requires_grad_(True)
+    generator = torch.Generator().manual_seed(3)
+    sizes = [1, 70, 5, 33, 2]
+    group = np.random.default_rng(0).permutation(np.repeat(np.arange(len(sizes)), sizes))
+    tiles = row_tiles(group, tile)
+    z0 = torch.relu(torch.randn(len(group), model.hidden_sizes[0], generator=generator))
+    theta = torch.randn(len(sizes), K_PATCH, generator=generator, requires_grad=True)
+    rows = torch.from_numpy(group)
+    results = []
+    for make in (lambda: patch.patch(theta[rows]), lambda: patch.grouped_patch(theta, tiles)):
+        theta.grad = None
+        patch.zero_grad()
+        out = model.head_from_first(z0, make())
+        out.square().sum().backward()
+        results.append((out.detach(), theta.grad.clone(), [p.grad.clone() for p in patch.parameters()]))
+    (per_row, theta_grad, patch_grads), (grouped, grouped_theta_grad, grouped_patch_grads) = results
+    torch.testing.assert_close(grouped, per_row, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped_theta_grad, theta_grad, atol=1e-4, rtol=1e-4)
+    for a, b in zip(grouped_patch_grads, patch_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert tiles.num_tiles == sum(-(-n // tiles.tile) for n in sizes)
+    zero = model.head_from_first(z0, patch.grouped_patch(torch.zeros(len(sizes), K_PATCH), tiles))
+    assert torch.equal(zero, model.head_from_first(z0))
 
 
 def test_device_step_changes_only_the_meta_patches() -> None:

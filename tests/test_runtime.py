@@ -107,6 +107,17 @@ def test_placement_does_not_change_results(tmp_path: Path, ray_session) -> None:
     assert_same_results(tmp_path / "local", tmp_path / "single")
 
 
+@pytest.mark.parametrize("strategy", ["dccl", "fedavg"])
+def test_training_a_pack_in_chunks_of_devices_does_not_change_results(tmp_path: Path, strategy: str) -> None:
+    whole = small_config(tmp_path / "whole", "runtime.backend=local", f"strategy={strategy}")
+    run(whole)
+    chunked = small_config(
+        tmp_path / "chunked", "runtime.backend=local", f"strategy={strategy}", "runtime.chunk_devices=3"
+    )
+    run(chunked)
+    assert_same_results(tmp_path / "whole", tmp_path / "chunked")
+
+
 def test_resume_and_extend_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     common = ["runtime.backend=local", "rounds=3", "data.windows=3"]
     run(small_config(tmp_path / "straight", *common))

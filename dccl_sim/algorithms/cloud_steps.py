@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from dccl_sim.algorithms.metapatch_step import patched_logits
 from dccl_sim.config import CloudConfig, PatchConfig
 from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.models.din import CloudModel
@@ -66,12 +67,22 @@ def teacher_logits(
     patch: MetaPatch,
     data: DeviceData,
     indices: np.ndarray,
-    theta_of_sample: torch.Tensor,
+    theta_of_device: torch.Tensor,
+    device_rows: np.ndarray,
     history_len: int,
-) -> torch.Tensor:
-    """f(x; W_t, G_t, θ̂_m) for the round's samples: the fixed teachers of MoMoDistill."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed teachers of MoMoDistill, f(x; W_t, G_t, θ̂_m), for the round's samples (sample i belongs to the
+    device with meta-patch theta_of_device[device_rows[i]]), and the broadcast model's own f(x; W_t) on them,
+    from one pass of the model's features."""
     z0 = first_hidden_of(model, data, indices, history_len)
-    return model.head_from_first(z0, patch.patch(theta_of_sample))
+    rows = torch.from_numpy(np.asarray(device_rows, dtype=np.int64))
+    return patched_logits(model, patch, z0, theta_of_device, rows), model.head_from_first(z0)
+
+
+@torch.no_grad()
+def cloud_logits(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int) -> torch.Tensor:
+    """f(x; W) of the given samples, without patches."""
+    return model.head_from_first(first_hidden_of(model, data, indices, history_len))
 
 
 def bootstrap_patch(

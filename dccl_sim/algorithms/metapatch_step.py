@@ -18,7 +18,7 @@ from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.algorithms.schedule import minibatch_schedule
 from dccl_sim.config import DeviceConfig
 from dccl_sim.models.din import CloudModel
-from dccl_sim.models.metapatch import MetaPatch
+from dccl_sim.models.metapatch import MetaPatch, row_tiles
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,13 @@ class PatchStepResult:
     steps: np.ndarray  # [K] optimizer steps taken (for the FLOP count of the latency model)
 
 
-def patched_logits(model: CloudModel, patch: MetaPatch, z0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Logits of samples whose rows carry their own meta-patch theta [N, k]."""
-    return model.head_from_first(z0, patch.patch(theta))
+def patched_logits(
+    model: CloudModel, patch: MetaPatch, z0: torch.Tensor, theta: torch.Tensor, device: torch.Tensor
+) -> torch.Tensor:
+    """Logits of samples whose row n belongs to the device with meta-patch theta[device[n]]: each device's patch
+    matrices are formed once and applied to all its rows (`MetaPatch.grouped_patch`)."""
+    active, group = torch.unique(device, return_inverse=True)
+    return model.head_from_first(z0, patch.grouped_patch(theta[active], row_tiles(group.numpy())))
 
 
 def loss_per_device(
@@ -76,7 +80,7 @@ def loss_per_device(
     """Mean BCE of each device's samples (0 for a device without samples); `device` gives each row's device.
     With `weight`, each device's weighted mean Σ w·BCE / Σ w."""
     bce = functional.binary_cross_entropy_with_logits(
-        patched_logits(model, patch, z0, theta[device]), label, reduction="none"
+        patched_logits(model, patch, z0, theta, device), label, reduction="none"
     )
     num_devices = theta.shape[0]
     if weight is None:

@@ -109,6 +109,20 @@ def load_numpy_state(module: nn.Module, state: dict[str, np.ndarray]) -> None:
     module.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in state.items()})
 
 
+def merge_packs(parts: list[PackResult]) -> PackResult:
+    """One result for the devices of several packs (or chunks of one), in the order given: columns and
+    meta-patches concatenated, FedAvg's model sums and weights added."""
+    if len(parts) == 1:
+        return parts[0]
+    sums = [p.model_sum for p in parts if p.model_sum]
+    return PackResult(
+        columns={name: np.concatenate([p.columns[name] for p in parts]) for name in parts[0].columns},
+        theta=None if parts[0].theta is None else np.concatenate([p.theta for p in parts]),
+        model_sum={name: sum(s[name] for s in sums) for name in sums[0]} if sums else None,
+        weight=sum(p.weight for p in parts),
+    )
+
+
 def concat_results(results: list[PackResult]) -> dict[str, np.ndarray]:
     """All packs' per-device columns, sorted by device id."""
     if not results:

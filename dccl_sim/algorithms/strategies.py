@@ -20,6 +20,7 @@ from torch.nn import functional
 
 from dccl_sim.algorithms.cloud_side import CloudSide
 from dccl_sim.algorithms.cloud_steps import (
+    cloud_logits,
     distill_weight,
     features_of,
     finetune,
@@ -31,8 +32,8 @@ from dccl_sim.algorithms.cloud_steps import (
 )
 from dccl_sim.algorithms.coda import Candidates, coda_device_step
 from dccl_sim.algorithms.device_side import DeviceSide, RoundSamples, Stopwatch
-from dccl_sim.algorithms.metapatch_step import metapatch_device_step
-from dccl_sim.algorithms.protocol import Broadcast, PackResult, concat_theta, load_numpy_state
+from dccl_sim.algorithms.metapatch_step import metapatch_device_step, patched_logits
+from dccl_sim.algorithms.protocol import Broadcast, PackResult, concat_theta, load_numpy_state, merge_packs
 from dccl_sim.algorithms.schedule import minibatch_schedule
 from dccl_sim.models.training import predict
 
@@ -137,8 +138,8 @@ def _patched_scores(
     cloud, patch = side.models.cloud, side.models.patch
     z0 = side.z0(evaluation)
     rows = torch.from_numpy(_rows_of_samples(evaluation))
-    start = cloud.head_from_first(z0, patch.patch(theta_start[rows])).numpy()
-    return start, cloud.head_from_first(z0, patch.patch(theta[rows])).numpy()
+    start = patched_logits(cloud, patch, z0, theta_start, rows).numpy()
+    return start, patched_logits(cloud, patch, z0, theta, rows).numpy()
 
 
 def _samples_trained(counts: np.ndarray, side: DeviceSide, gate_passed: np.ndarray) -> np.ndarray:
@@ -162,14 +163,9 @@ class DCCL(MetaPatchStrategy):
         rows = np.searchsorted(device_ids, cloud.data.sample_device[indices])
         theta_of_sample = per_sample_theta(torch.from_numpy(theta), rows)
         history_len = config.data.history_len
-        no_patch = torch.zeros_like(theta_of_sample)
-        teachers = teacher_logits(models.cloud, models.patch, cloud.data, indices, theta_of_sample, history_len)
-        # f(x; W_t): the broadcast model without patches, for the teacher weights and residual targets
-        needs_base = config.cloud.teacher_weighting != "uniform" or config.cloud.patch_target == "residual"
-        base = (
-            teacher_logits(models.cloud, models.patch, cloud.data, indices, no_patch, history_len)
-            if needs_base
-            else None
+        # base = f(x; W_t), the broadcast model without patches, for the teacher weights and residual targets
+        teachers, base = teacher_logits(
+            models.cloud, models.patch, cloud.data, indices, torch.from_numpy(theta), rows, history_len
         )
         weights = None
         if config.cloud.teacher_weighting != "uniform":
@@ -190,7 +186,7 @@ class DCCL(MetaPatchStrategy):
         targets = teachers
         if config.cloud.patch_target == "residual":
             # the teachers' personalization f(x; W_t, G_t, θ̂) − f(x; W_t) on top of the refreshed W_{t+1}
-            refreshed = teacher_logits(models.cloud, models.patch, cloud.data, indices, no_patch, history_len)
+            refreshed = cloud_logits(models.cloud, cloud.data, indices, history_len)
             targets = refreshed + (teachers - base)
         patch = patch_space_update(
             models.cloud,
@@ -293,13 +289,11 @@ class FedAvg(Strategy):
         )
 
     def cloud_round(self, cloud: CloudSide, round_index: int, results: list[PackResult]) -> dict[str, float]:
-        weight = sum(r.weight for r in results)
-        if weight == 0:
+        total = merge_packs(results) if results else None
+        if total is None or total.weight == 0:
             return {"cloud_samples": 0.0}
-        state = {
-            name: (sum(r.model_sum[name] for r in results if r.model_sum) / weight).astype(np.float32)
-            for name in results[0].model_sum or {}
-        }
+        state = {name: (value / total.weight).astype(np.float32) for name, value in (total.model_sum or {}).items()}
+        weight = total.weight
         load_numpy_state(cloud.models.cloud, state)
         return {"cloud_samples": weight}
 

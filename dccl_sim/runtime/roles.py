@@ -11,7 +11,7 @@ import torch
 from dccl_sim import metrics
 from dccl_sim.algorithms.cloud_side import CloudSide
 from dccl_sim.algorithms.device_side import DeviceSide
-from dccl_sim.algorithms.protocol import Broadcast, PackResult
+from dccl_sim.algorithms.protocol import Broadcast, PackResult, merge_packs
 from dccl_sim.algorithms.strategies import get_strategy
 from dccl_sim.config import SimConfig
 from dccl_sim.data.device_data import DeviceData
@@ -103,4 +103,6 @@ class DeviceRole:
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round."""
         mine = self.device_ids[np.isin(self.device_ids, broadcast.participants)]
-        return self.strategy.device_round(self.side, broadcast, mine)
+        size = self.config.runtime.chunk_devices
+        chunks = [mine[i : i + size] for i in range(0, len(mine), size)] or [mine]
+        return merge_packs([self.strategy.device_round(self.side, broadcast, chunk) for chunk in chunks])
