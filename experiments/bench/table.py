@@ -174,5 +174,49 @@ def _broadcast(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+FLOWER_REFERENCES = {
+    "packed_in_process": "packed, in-process, 1 thread",
+    "packed_ray": "packed, Ray, default placement",
+}
+
+
 def _flower(r: dict[str, Any]) -> list[str]:
-    return [f"**Flower** side by side: {r['status']}: {r['reason']}."]
+    if r["status"] != "measured":
+        return [f"**Flower** side by side: {r['status']}: {r['reason']}."]
+    env, cpus = r["environment"], r["client_resources"]["num_cpus"]
+    lines = [
+        f"**Flower side by side** (flwr {r['flwr_version']} `run_simulation`, in its own environment with ray "
+        f"{env['ray']}; every device runs one round's device step: load the round-0 broadcast, z_0 of its local "
+        "samples, `metapatch_device_step`; Flower: a ClientApp per device, Flower's default backend config with "
+        f"`client_resources.num_cpus = {cpus:g}`; startup excluded = Flower's second round, dccl-sim's median call "
+        "after the first; included = a one-round simulation's whole call, dccl-sim's data reading (and Ray start) "
+        "plus the first call; max |Δθ̂| against the packed in-process θ̂):",
+        "",
+        "| devices | dccl-sim | Flower ms / client, startup excl. | incl. | dccl-sim ms / device, startup excl. | "
+        "incl. | Flower ÷ dccl-sim, excl. | incl. | max abs θ̂ diff |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in r["points"]:
+        flower = p["flower"]
+        for name, label in FLOWER_REFERENCES.items():
+            variant, ratios = p[name], p["flower_over_dccl_sim"][name]
+            if name == "packed_ray":
+                label += f", {variant['actors']} actors"
+            diff = max(flower["max_abs_theta_diff"], variant.get("max_abs_theta_diff", 0.0))
+            lines.append(
+                f"| {p['devices']:,} | {label} | {_num(flower['ms_per_client_excluded'])} | "
+                f"{_num(flower['ms_per_client_included'])} | {_num(variant['ms_per_device_excluded'])} | "
+                f"{_num(variant['ms_per_device_included'])} | {_num(ratios['excluded'])}× | "
+                f"{_num(ratios['included'])}× | {diff:.1e} |"
+            )
+    lines += ["", "Flower's round, per client: the client's own step (in its actor) and what the engine adds:", ""]
+    lines += ["| devices | actors × torch threads | client step ms | engine overhead ms / client |"]
+    lines += ["| ---: | ---: | ---: | ---: |"]
+    for p in r["points"]:
+        flower = p["flower"]
+        threads = "/".join(str(t) for t in flower["torch_threads"])
+        lines.append(
+            f"| {p['devices']:,} | {flower['actors']} × {threads} | {_num(flower['client_step_ms'])} | "
+            f"{_num(flower['engine_overhead_ms_per_client'])} |"
+        )
+    return lines
