@@ -52,10 +52,16 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         lines += ["**Quick run** (`--quick`): tiny sizes, not the benchmark's figures.", ""]
     m, v = first["machine"], first["versions"]
     loads = [f"{p['load_average_start'][0]:.2f}→{p['load_average_end'][0]:.2f}" for p in results.values()]
+    runs = {(p["repeats"], p["versions"]["dccl_sim_commit"]) for p in results.values()}
+    if len(runs) == 1:  # one run (or runs alike): say it once
+        provenance = f"commit {v['dccl_sim_commit']}. Every figure is the median of {first['repeats']} repeats"
+    else:  # parts re-run with --parts: each its own
+        provenance = "each part's commit and repeats (every figure the median): " + ", ".join(
+            f"{part} {p['versions']['dccl_sim_commit']} × {p['repeats']}" for part, p in results.items()
+        )
     lines += [
         f"{m['cpu']}, {m['logical_cores']} cores, {m['ram_gib']:.1f} GiB RAM; torch {v['torch']}, ray {v['ray']}, "
-        f"commit {v['dccl_sim_commit']}. Every figure is the median of {first['repeats']} repeats. Load average "
-        f"(1 min) at the start → end of each part: {', '.join(loads)}.",
+        f"{provenance}. Load average (1 min) at the start → end of each part: {', '.join(loads)}.",
         "",
     ]
     for part, render_part in (
