@@ -3,6 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the benchmark's Flower side by side (part 5) runs in an environment of its own: flwr[simulation] pins another Ray
+FLOWER_VENV := .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+FLOWER_REQUIREMENTS := experiments/bench/flower-requirements.txt
 # torch: an installed one is kept; otherwise this CPU build is installed (extra pip arguments, e.g. a CPU wheel
 # index, go in TORCH_PIP_ARGS).
 TORCH_SPEC ?= torch==2.13.0
@@ -11,7 +15,7 @@ TORCH_PIP_ARGS ?=
 BENCH_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test lint format data bench clean
+.PHONY: install run test lint format data bench bench-flower-env clean
 
 install: $(STAMP)
 
@@ -46,5 +50,18 @@ data: $(STAMP)
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR)/experiments$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bench $(BENCH_ARGS)
 
+# .venv-flower for the benchmark's part 5 (Flower side by side; see experiments/bench/NOTES.md): torch as above,
+# Flower with its own Ray, dccl-sim's other dependencies, and this checkout's dccl-sim without its Ray pin. `make
+# bench` runs part 5 in it where it exists.
+bench-flower-env: $(FLOWER_STAMP)
+
+$(FLOWER_STAMP): $(FLOWER_REQUIREMENTS) pyproject.toml
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	@$(FLOWER_VENV)/bin/python -c "import torch" 2>/dev/null && echo "keeping installed torch" || \
+		$(FLOWER_VENV)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -r $(FLOWER_REQUIREMENTS)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@touch $(FLOWER_STAMP)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOWER_VENV) runs .pytest_cache .ruff_cache

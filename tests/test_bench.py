@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bench import cli, scaling
+from bench import cli, flower, scaling
 from bench.device_phase import actor_skip_reason
+from bench.table import render
 
 SMALL = ["--quick", "--set", "data.eval_negatives=9"]
+# a result file's envelope, for rendering a part's table from hand-made results
+ENVELOPE = {
+    "quick": True,
+    "repeats": 1,
+    "machine": {"cpu": "CPU", "logical_cores": 2, "ram_gib": 8.0},
+    "versions": {"torch": "2", "ray": "2", "dccl_sim_commit": "abc"},
+    "load_average_start": [1.0, 1.0, 1.0],
+    "load_average_end": [1.0, 1.0, 1.0],
+}
 
 
 def run(tmp_path: Path, *argv: str) -> dict[str, dict[str, Any]]:
@@ -55,7 +66,8 @@ def test_skipped_actor_counts_say_how_much_memory_they_would_take() -> None:
     assert "--actor-devices 0" in actor_skip_reason(100, 0, None, 23.5)
 
 
-def test_ceiling_and_flower(tmp_path: Path) -> None:
+def test_ceiling_and_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flower, "FLOWER_PYTHON", tmp_path / "no-env" / "bin" / "python")  # CI has no .venv-flower
     results = run(tmp_path, "--parts", "ceiling,flower", "--matmul-sizes", "64,128", "--repeats", "2")
     assert set(results) == {"ceiling", "flower"}
     assert_recorded(results["ceiling"], "ceiling")
@@ -65,10 +77,87 @@ def test_ceiling_and_flower(tmp_path: Path) -> None:
         (128, 2),
     ]
     assert ceiling["ceiling_flops_one_thread"] > 0 and ceiling["ceiling_flops_all_threads"] > 0
-    flower = results["flower"]["results"]
-    assert flower["status"] in ("not installed", "not run") and "ray" in flower["reason"]
+    assert_recorded(results["flower"], "flower")
+    missing = results["flower"]["results"]
+    assert missing["status"] == "not installed" and "ray==2.55.1" in missing["reason"]
+    assert "make bench-flower-env" in missing["reason"]
     table = (tmp_path / "README_table.md").read_text()
-    assert "Quick run" in table and "Hardware ceiling" in table and "Flower" in table
+    assert "Quick run" in table and "Hardware ceiling" in table
+    assert "**Flower** side by side: not installed" in table
+
+
+def flower_result(devices: list[int]) -> dict[str, Any]:
+    """What `bench.flower_sim` writes, its figures made up (only the fields the table reads, and the status)."""
+
+    def variant(ms: float) -> dict[str, Any]:
+        return {"ms_per_device_excluded": ms, "ms_per_device_included": 10 * ms, "actors": 2}
+
+    points = [
+        {
+            "devices": n,
+            "flower": {
+                "ms_per_client_excluded": 20.0,
+                "ms_per_client_included": 200.0,
+                "client_step_ms": 9.0,
+                "engine_overhead_ms_per_client": 11.0,
+                "actors": 1,
+                "torch_threads": [2],
+                "max_abs_theta_diff": 2e-9,
+            },
+            "packed_in_process": variant(0.5),
+            "packed_ray": {**variant(1.0), "max_abs_theta_diff": 0.0},
+            "flower_over_dccl_sim": {
+                "packed_in_process": {"excluded": 40.0, "included": 40.0},
+                "packed_ray": {"excluded": 20.0, "included": 20.0},
+            },
+        }
+        for n in devices
+    ]
+    return {
+        "status": "measured",
+        "flwr_version": "1.41.0",
+        "environment": {"ray": "2.55.1"},
+        "client_resources": {"num_cpus": 2.0, "num_gpus": 0.0},
+        "points": points,
+    }
+
+
+def test_flower_runs_in_its_environment_and_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in for .venv-flower's python: it records its arguments and writes a result as bench.flower_sim
+    would, so the harness's side of part 5 is checked without Flower."""
+    fake = tmp_path / "env" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "argv = sys.argv[1:]\n"
+        f"open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(argv))\n"
+        f"result = {flower_result([3, 4])!r}\n"
+        "open(argv[argv.index('--out') + 1], 'w').write(json.dumps(result))\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(flower, "FLOWER_PYTHON", fake)
+    payload = run(tmp_path, "--parts", "flower", "--flower-devices", "3,4")["flower"]
+    assert_recorded(payload, "flower")
+    assert payload["results"] == flower_result([3, 4])
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert argv[:6] == ["-m", "bench.flower_sim", "--devices", "3", "4", "--repeats"]
+    assert argv[argv.index("--client-cpus") + 1] == "2.0"
+    assert "data.source=synthetic" in argv and "data.eval_negatives=9" in argv  # the device phase's setting
+    table = (tmp_path / "README_table.md").read_text()
+    assert "| 3 | packed, in-process, 1 thread | 20 | 200 | 0.5 | 5 | 40× | 40× | 2.0e-09 |" in table
+    assert "| 4 | packed, Ray, default placement, 2 actors | 20 | 200 | 1 | 10 | 20× | 20× | 2.0e-09 |" in table
+    assert "| 4 | 1 × 2 | 9 | 11 |" in table
+
+
+def test_a_failing_flower_run_is_recorded(tmp_path: Path) -> None:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho Flower broke >&2\nexit 3\n")
+    fake.chmod(0o755)
+    result = flower.measure([5], [], 1, 2.0, tmp_path / "log" / "flower_sim.log", python=fake)
+    assert result["status"] == "failed" and "exited with 3" in result["reason"]
+    assert "Flower broke" in result["log_tail"]
+    assert "**Flower** side by side: failed" in render({"flower": {**ENVELOPE, "results": result}})
 
 
 def test_device_phase(tmp_path: Path, ray_session) -> None:

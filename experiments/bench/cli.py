@@ -31,6 +31,7 @@ class Sizes:
     scaling_devices: list[int]
     broadcast_devices: int
     broadcast_actors: list[int]
+    flower_devices: list[int]
     out: Path
     work_dir: Path
 
@@ -43,6 +44,7 @@ FULL = Sizes(
     scaling_devices=[1_000, 10_000, 100_000, 1_000_000],
     broadcast_devices=10_000,
     broadcast_actors=[2, 8],
+    flower_devices=[100, 1_000],
     out=RESULTS,
     work_dir=Path("runs/bench"),
 )
@@ -54,6 +56,7 @@ QUICK = Sizes(
     scaling_devices=[200, 400, 800],
     broadcast_devices=200,
     broadcast_actors=[2, 4],
+    flower_devices=[20, 50],
     out=Path("runs/bench-quick/results"),
     work_dir=Path("runs/bench-quick"),
 )
@@ -77,6 +80,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-devices", type=int, default=2000, help="metrics.eval_devices (default 2000)")
     parser.add_argument("--broadcast-devices", type=int, help="broadcast: participants (default 10000)")
     parser.add_argument("--broadcast-actors", type=csv_list(int), help="broadcast: actor counts (default 2,8)")
+    parser.add_argument("--flower-devices", type=csv_list(int), help="Flower side by side: clients (default 100,1000)")
+    parser.add_argument(
+        "--flower-client-cpus",
+        type=float,
+        default=2.0,
+        help="Flower side by side: client_resources num_cpus (default 2, Flower's own default)",
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -107,7 +117,8 @@ def measure(part: str, args: argparse.Namespace, overrides: list[str], flops: de
         case "broadcast":
             return broadcast.measure(args.broadcast_devices, args.broadcast_actors, overrides, args.repeats)
         case _:
-            return flower.measure()
+            log = args.work_dir / "flower" / "flower_sim.log"
+            return flower.measure(args.flower_devices, overrides, args.repeats, args.flower_client_cpus, log)
 
 
 def main(argv: list[str] | None = None) -> int:

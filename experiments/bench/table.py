@@ -52,10 +52,16 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         lines += ["**Quick run** (`--quick`): tiny sizes, not the benchmark's figures.", ""]
     m, v = first["machine"], first["versions"]
     loads = [f"{p['load_average_start'][0]:.2f}→{p['load_average_end'][0]:.2f}" for p in results.values()]
+    runs = {(p["repeats"], p["versions"]["dccl_sim_commit"]) for p in results.values()}
+    if len(runs) == 1:  # one run (or runs alike): say it once
+        provenance = f"commit {v['dccl_sim_commit']}. Every figure is the median of {first['repeats']} repeats"
+    else:  # parts re-run with --parts: each its own
+        provenance = "each part's commit and repeats (every figure the median): " + ", ".join(
+            f"{part} {p['versions']['dccl_sim_commit']} × {p['repeats']}" for part, p in results.items()
+        )
     lines += [
         f"{m['cpu']}, {m['logical_cores']} cores, {m['ram_gib']:.1f} GiB RAM; torch {v['torch']}, ray {v['ray']}, "
-        f"commit {v['dccl_sim_commit']}. Every figure is the median of {first['repeats']} repeats. Load average "
-        f"(1 min) at the start → end of each part: {', '.join(loads)}.",
+        f"{provenance}. Load average (1 min) at the start → end of each part: {', '.join(loads)}.",
         "",
     ]
     for part, render_part in (
@@ -174,5 +180,49 @@ def _broadcast(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+FLOWER_REFERENCES = {
+    "packed_in_process": "packed, in-process, 1 thread",
+    "packed_ray": "packed, Ray, default placement",
+}
+
+
 def _flower(r: dict[str, Any]) -> list[str]:
-    return [f"**Flower** side by side: {r['status']}: {r['reason']}."]
+    if r["status"] != "measured":
+        return [f"**Flower** side by side: {r['status']}: {r['reason']}."]
+    env, cpus = r["environment"], r["client_resources"]["num_cpus"]
+    lines = [
+        f"**Flower side by side** (flwr {r['flwr_version']} `run_simulation`, in its own environment with ray "
+        f"{env['ray']}; every device runs one round's device step: load the round-0 broadcast, z_0 of its local "
+        "samples, `metapatch_device_step`; Flower: a ClientApp per device, Flower's default backend config with "
+        f"`client_resources.num_cpus = {cpus:g}`; startup excluded = Flower's second round, dccl-sim's median call "
+        "after the first; included = a one-round simulation's whole call, dccl-sim's data reading (and Ray start) "
+        "plus the first call; max |Δθ̂| against the packed in-process θ̂):",
+        "",
+        "| devices | dccl-sim | Flower ms / client, startup excl. | incl. | dccl-sim ms / device, startup excl. | "
+        "incl. | Flower ÷ dccl-sim, excl. | incl. | max abs θ̂ diff |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in r["points"]:
+        flower = p["flower"]
+        for name, label in FLOWER_REFERENCES.items():
+            variant, ratios = p[name], p["flower_over_dccl_sim"][name]
+            if name == "packed_ray":
+                label += f", {variant['actors']} actors"
+            diff = max(flower["max_abs_theta_diff"], variant.get("max_abs_theta_diff", 0.0))
+            lines.append(
+                f"| {p['devices']:,} | {label} | {_num(flower['ms_per_client_excluded'])} | "
+                f"{_num(flower['ms_per_client_included'])} | {_num(variant['ms_per_device_excluded'])} | "
+                f"{_num(variant['ms_per_device_included'])} | {_num(ratios['excluded'])}× | "
+                f"{_num(ratios['included'])}× | {diff:.1e} |"
+            )
+    lines += ["", "Flower's round, per client: the client's own step (in its actor) and what the engine adds:", ""]
+    lines += ["| devices | actors × torch threads | client step ms | engine overhead ms / client |"]
+    lines += ["| ---: | ---: | ---: | ---: |"]
+    for p in r["points"]:
+        flower = p["flower"]
+        threads = "/".join(str(t) for t in flower["torch_threads"])
+        lines.append(
+            f"| {p['devices']:,} | {flower['actors']} × {threads} | {_num(flower['client_step_ms'])} | "
+            f"{_num(flower['engine_overhead_ms_per_client'])} |"
+        )
+    return lines
