@@ -76,6 +76,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--scaling-devices", type=csv_list(int), help="round latency: device counts (default 1000,...,1000000)"
     )
     parser.add_argument("--max-devices", type=int, help="round latency: leave out larger counts")
+    parser.add_argument(
+        "--large-repeats",
+        type=int,
+        default=1,
+        help=f"round latency: repeats of counts of {scaling.LARGE:,}+ devices, tens of minutes each (default 1)",
+    )
     parser.add_argument("--fit-from", type=int, default=10_000, help="fit the exponent over N >= this (10000)")
     parser.add_argument("--eval-devices", type=int, default=2000, help="metrics.eval_devices (default 2000)")
     parser.add_argument("--broadcast-devices", type=int, help="broadcast: participants (default 10000)")
@@ -113,7 +119,8 @@ def measure(part: str, args: argparse.Namespace, overrides: list[str], flops: de
         case "scaling":
             counts = [n for n in args.scaling_devices if args.max_devices is None or n <= args.max_devices]
             plot = args.out / "scaling_latency.png"
-            return scaling.measure(counts, overrides, args.repeats, args.work_dir / "scaling", args.fit_from, plot)
+            work = args.work_dir / "scaling"
+            return scaling.measure(counts, overrides, args.repeats, work, args.fit_from, plot, args.large_repeats)
         case "broadcast":
             return broadcast.measure(args.broadcast_devices, args.broadcast_actors, overrides, args.repeats)
         case _:

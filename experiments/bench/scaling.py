@@ -2,8 +2,9 @@
 machinery (`dccl_sim.sweep`: each point a fresh process, its phases from `rounds.parquet`, its peak memory the PSS
 of the process and everything it started), with the scaling exponent a of t ∝ N^a.
 
-Each repeat runs every device count, smallest first. A point that fails (its process killed for memory, say) is
-recorded with the error, and the larger counts are skipped with the reason: they would need more.
+Each repeat runs every device count, smallest first; counts of `LARGE` devices or more run `large_repeats` times.
+A point that fails (its process killed for memory, say) is recorded with the error, and the larger counts are
+skipped with the reason: they would need more.
 """
 
 from __future__ import annotations
@@ -53,13 +54,23 @@ def fit(rows: list[dict[str, Any]], fit_from: int) -> dict[str, Any]:
     }
 
 
+# from this many devices a point takes tens of minutes: it runs `large_repeats` times instead of `repeats`
+LARGE = 1_000_000
+
+
 def measure(
-    counts: Sequence[int], overrides: Sequence[str], repeats: int, work_dir: Path, fit_from: int, plot: Path
+    counts: Sequence[int],
+    overrides: Sequence[str],
+    repeats: int,
+    work_dir: Path,
+    fit_from: int,
+    plot: Path,
+    large_repeats: int = 1,
 ) -> dict[str, Any]:
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     failed: dict[int, str] = {}
-    for repeat in range(repeats):
-        todo = [n for n in counts if n not in failed]
+    for repeat in range(max(repeats, large_repeats)):
+        todo = [n for n in counts if n not in failed and repeat < (large_repeats if n >= LARGE else repeats)]
         if not todo:
             break
         out = work_dir / f"repeat-{repeat}"
