@@ -72,13 +72,17 @@ class CloudModel(nn.Module):
         w_h, w_t, w_diff, w_prod = first.weight.chunk(4, dim=1)
         n, length, d = history.shape
         per_target = target @ (w_t - w_diff).T + first.bias
-        hidden = (history.reshape(n * length, d) @ (w_h + w_diff).T).addmm_(
-            (history * target.unsqueeze(1)).reshape(n * length, d), w_prod.T
-        )
-        hidden = hidden.view(n, length, hidden.shape[-1]).add_(per_target.unsqueeze(1))
+        hidden = history.reshape(n * length, d) @ (w_h + w_diff).T
+        shape = (n, length, hidden.shape[1])
+        product = (history * target.unsqueeze(1)).reshape(n * length, d)
+        if hidden.requires_grad:
+            # out of place: for in-place updates of these views autograd would copy the [N·L, H] tensor back
+            hidden = torch.addmm(hidden, product, w_prod.T).view(shape) + per_target.unsqueeze(1)
+        else:
+            hidden = hidden.addmm_(product, w_prod.T).view(shape).add_(per_target.unsqueeze(1))
         if not self.attention_layers:
             return hidden.squeeze(-1)
-        hidden = hidden.relu_()
+        hidden = torch.relu(hidden) if hidden.requires_grad else hidden.relu_()
         for layer in self.attention_layers[1:]:
             hidden = torch.relu(layer(hidden))
         return self.attention_out(hidden).squeeze(-1)
