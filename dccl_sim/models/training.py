@@ -6,6 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+# torch.optim imports torch._dynamo when the first optimizer is built (~1 s): import it at start-up instead, not
+# inside round 0's timed cloud update
+import torch._dynamo
 from torch import nn
 
 from dccl_sim.data.device_data import Batch, DeviceData
