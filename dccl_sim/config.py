@@ -112,6 +112,10 @@ class PatchConfig(Section):
     bootstrap_lr: PositiveFloat = 1e-2
     bootstrap_init_std: NonNegativeFloat = 0.01
     bootstrap_l2: NonNegativeFloat = 1e-2
+    # "adam": one Adam over Θ, {A_l} and the θ table, every row's moments decaying at every step (work ∝ users per
+    # step); "lazy": a table row moves only when its user is in the minibatch, with its own step count (PackedAdam,
+    # work ∝ minibatch): for 10^5+ devices, where a step over the whole table costs ~0.1 s
+    bootstrap_table: Literal["adam", "lazy"] = "adam"
     lr: PositiveFloat = 1e-3
 
 

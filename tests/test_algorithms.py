@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dccl_sim.algorithms import cloud_steps
 from dccl_sim.algorithms.cloud_steps import (
     binary_kl_with_temperature,
     distill_weight,
@@ -19,7 +20,7 @@ from dccl_sim.algorithms.cloud_steps import (
 from dccl_sim.algorithms.device_side import newest_slice_starts
 from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step, train_patches
 from dccl_sim.algorithms.packed_adam import PackedAdam
-from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, load_config
+from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, PatchConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
@@ -301,3 +302,32 @@ def test_newest_slice_starts_match_the_per_device_quantile() -> None:
                 cut = np.quantile(positions[lo:hi], 1.0 - frac, method="higher")
                 expected[m] = lo + np.searchsorted(positions[lo:hi], cut)
         np.testing.assert_array_equal(newest_slice_starts(positions, starts, ends, frac), expected)
+
+
+def _bootstrapped(built, table: str, cache_bytes: int, monkeypatch) -> tuple[MetaPatch, list[float]]:
+    monkeypatch.setattr(cloud_steps, "Z0_CACHE_BYTES", cache_bytes)
+    torch.manual_seed(0)
+    model = CloudModel(
+        built.meta.num_items,
+        built.meta.num_categories,
+        built.meta.profile_cardinalities,
+        torch.from_numpy(built.item_category),
+    )
+    patch = MetaPatch(model.hidden_sizes, K_PATCH, RANK)
+    indices = np.flatnonzero(built.data.split == SPLIT_TRAIN)[:3000]
+    config = PatchConfig(k=K_PATCH, rank=RANK, bootstrap_epochs=2, bootstrap_table=table)
+    losses = cloud_steps.bootstrap_patch(model, patch, built.data, indices, config, 256, 20, seed=0)
+    return patch, losses
+
+
+def test_bootstrap_without_the_z0_cache_and_with_the_lazy_table(ml100k_small, monkeypatch) -> None:
+    """z_0 computed per minibatch (at 10^6 devices it would not fit cached) gives the same G; the lazy table (rows
+    move only when their user is in the minibatch) learns G too, but is a different optimizer."""
+    cached, cached_losses = _bootstrapped(ml100k_small, "adam", 2**31, monkeypatch)
+    recomputed, recomputed_losses = _bootstrapped(ml100k_small, "adam", 0, monkeypatch)
+    for a, b in zip(cached.parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(cached_losses, recomputed_losses, rtol=1e-5)
+    lazy, lazy_losses = _bootstrapped(ml100k_small, "lazy", 0, monkeypatch)
+    assert lazy_losses[-1] < lazy_losses[0]
+    assert any(not torch.allclose(a, b) for a, b in zip(lazy.parameters(), cached.parameters(), strict=True))

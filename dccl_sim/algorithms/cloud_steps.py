@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional
 
 from dccl_sim.algorithms.metapatch_step import patched_logits
+from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, PatchConfig
 from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.models.din import CloudModel
@@ -85,6 +86,11 @@ def cloud_logits(model: CloudModel, data: DeviceData, indices: np.ndarray, histo
     return model.head_from_first(first_hidden_of(model, data, indices, history_len))
 
 
+# bootstrapping keeps z_0 of every pretraining sample when it fits this; otherwise each minibatch computes its own
+# (at 10^6 devices, z_0 of ~1.7 × 10^7 pretraining samples would be 14 GB)
+Z0_CACHE_BYTES = 2**31
+
+
 def bootstrap_patch(
     model: CloudModel,
     patch: MetaPatch,
@@ -101,12 +107,15 @@ def bootstrap_patch(
     The table starts near zero (`bootstrap_init_std`) and carries the devices' own L2 penalty (`bootstrap_l2`), so
     Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
     trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md)."""
-    z0 = first_hidden_of(model, data, indices, history_len)
+    cached = len(indices) * model.hidden_sizes[0] * 4 <= Z0_CACHE_BYTES
+    z0_all = first_hidden_of(model, data, indices, history_len) if cached else None
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
     generator = torch.Generator().manual_seed(seed)
     table = nn.Parameter(config.bootstrap_init_std * torch.randn(data.num_devices, config.k, generator=generator))
-    optimizer = torch.optim.Adam([*patch.parameters(), table], lr=config.bootstrap_lr)
+    lazy = config.bootstrap_table == "lazy"
+    optimizer = torch.optim.Adam([*patch.parameters(), *([] if lazy else [table])], lr=config.bootstrap_lr)
+    table_optimizer = PackedAdam([table], lr=config.bootstrap_lr) if lazy else None
     rng = seeded_generator(seed, 0xB007)
     frozen = _frozen(model)
     losses = []
@@ -116,13 +125,25 @@ def bootstrap_patch(
             total = 0.0
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                theta = table[rows[chunk]]
-                logits = model.head_from_first(z0[chunk], patch.patch(theta))
+                if z0_all is not None:
+                    z0 = z0_all[chunk]
+                else:
+                    z0 = first_hidden_of(model, data, indices[chunk.numpy()], history_len)
+                if table_optimizer is not None:
+                    # only the minibatch's rows enter the graph, so no gradient the size of the table is formed
+                    active, inverse = torch.unique(rows[chunk], return_inverse=True)
+                    active_rows = table.detach()[active].requires_grad_(True)
+                    theta = active_rows[inverse]
+                else:
+                    theta = table[rows[chunk]]
+                logits = model.head_from_first(z0, patch.patch(theta))
                 loss = functional.binary_cross_entropy_with_logits(logits, label[chunk])
                 penalty = config.bootstrap_l2 * theta.pow(2).sum(dim=1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 (loss + penalty).backward()
                 optimizer.step()
+                if table_optimizer is not None:
+                    table_optimizer.step_rows(active, [active_rows.grad])
                 total += float(loss.detach()) * len(chunk)
             losses.append(total / max(len(order), 1))
     finally:

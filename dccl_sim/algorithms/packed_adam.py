@@ -21,16 +21,19 @@ class PackedAdam:
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(params[0].shape[0], dtype=torch.float64)
 
-    @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
         """Update the rows `active` (int64 indices of devices) from the parameters' .grad."""
+        self.step_rows(active, [param.grad[active] for param in self.params])
+
+    @torch.no_grad()
+    def step_rows(self, active: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """Update the rows `active` from their gradients `grads` (one [len(active), ...] tensor per parameter)."""
         beta1, beta2 = self.betas
         self.steps[active] += 1
         t = self.steps[active]
         correction1 = (1 - beta1**t).to(self.params[0].dtype)
         correction2_sqrt = (1 - beta2**t).sqrt().to(self.params[0].dtype)
-        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            grad = param.grad[active]
+        for param, exp_avg, exp_avg_sq, grad in zip(self.params, self.exp_avg, self.exp_avg_sq, grads, strict=True):
             shape = (-1,) + (1,) * (grad.dim() - 1)
             m = exp_avg[active].mul_(beta1).add_(grad, alpha=1 - beta1)
             v = exp_avg_sq[active].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

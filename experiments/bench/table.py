@@ -150,7 +150,8 @@ def _scaling(r: dict[str, Any]) -> list[str]:
             f"{_num(p['peak_memory_mb'])} |"
         )
     for entry in r["not_measured"]:
-        lines.append(f"| {entry['n_devices']:,} | {entry['reason']} | | | | | |")
+        # the first line only: an out-of-memory error carries Ray's whole report (scaling.json keeps it)
+        lines.append(f"| {entry['n_devices']:,} | {entry['reason'].splitlines()[0]} | | | | | |")
     exponents = r["exponents"]
     if exponents:
         over = ", ".join(f"{n:,}" for n in r["fit_devices"])
