@@ -14,7 +14,8 @@ from rich.table import Table
 from dccl_sim.config import ConfigError, SimConfig, load_config
 from dccl_sim.data.raw import DataError
 
-console = Console()
+# messages hold paths and commands to copy: a line break inside one would corrupt it
+console = Console(soft_wrap=True)
 
 
 def _config(args: argparse.Namespace, extra: list[str] | None = None) -> SimConfig:
