@@ -18,7 +18,13 @@ from dccl_sim.algorithms.cloud_steps import (
     teacher_weights,
 )
 from dccl_sim.algorithms.device_side import newest_slice_starts
-from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step, train_patches
+from dccl_sim.algorithms.metapatch_step import (
+    GROUPED_MIN_ROWS,
+    LocalSamples,
+    metapatch_device_step,
+    patched_logits,
+    train_patches,
+)
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, PatchConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
@@ -122,6 +128,36 @@ def test_grouped_patch_equals_the_per_sample_patch_with_its_gradients(tile: int)
     assert tiles.num_tiles == sum(-(-n // tiles.tile) for n in sizes)
     zero = model.head_from_first(z0, patch.grouped_patch(torch.zeros(len(sizes), K_PATCH), tiles))
     assert torch.equal(zero, model.head_from_first(z0))
+
+
+def test_patched_logits_mixes_row_by_row_and_grouped_devices_as_one_function() -> None:
+    """Devices below GROUPED_MIN_ROWS rows take the row-by-row patch, the others the grouped one: in any row order
+    the logits and θ gradients equal the row-by-row patch of every row, and a device's logits do not depend on
+    which devices share the call."""
+    model, patch = _models()
+    generator = torch.Generator().manual_seed(5)
+    sizes = [1, GROUPED_MIN_ROWS - 1, GROUPED_MIN_ROWS, 40, 3]
+    device = torch.from_numpy(np.random.default_rng(1).permutation(np.repeat(np.arange(len(sizes)), sizes)))
+    z0 = torch.relu(torch.randn(len(device), model.hidden_sizes[0], generator=generator))
+    theta = torch.randn(len(sizes), K_PATCH, generator=generator, requires_grad=True)
+    mixed = patched_logits(model, patch, z0, theta, device)
+    (mixed_grad,) = torch.autograd.grad(mixed.square().sum(), theta)
+    per_row = model.head_from_first(z0, patch.patch(theta[device]))
+    (per_row_grad,) = torch.autograd.grad(per_row.square().sum(), theta)
+    torch.testing.assert_close(mixed, per_row, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed_grad, per_row_grad, atol=1e-4, rtol=1e-4)
+    for m in (1, 3):  # one device below the threshold, one above, each alone
+        rows = torch.nonzero(device == m).squeeze(1)
+        alone = patched_logits(model, patch, z0[rows], theta, device[rows])
+        torch.testing.assert_close(alone, mixed[rows], atol=1e-6, rtol=1e-6)
+
+
+def test_whole_device_chunks_cover_the_samples_without_splitting_a_device() -> None:
+    rows = np.repeat(np.arange(6), [5, 1, 9, 2, 2, 4])
+    chunks = cloud_steps.whole_device_chunks(rows, 6)
+    assert chunks == [(0, 6), (6, 15), (15, 23)]  # each the fewest whole devices of at least 6 samples
+    assert cloud_steps.whole_device_chunks(rows, 100) == [(0, 23)]
+    assert cloud_steps.whole_device_chunks(np.zeros(0, dtype=np.int64), 4) == []
 
 
 def test_device_step_changes_only_the_meta_patches() -> None:

@@ -62,6 +62,20 @@ def per_sample_theta(theta_of_device: torch.Tensor, device_rows: np.ndarray) -> 
     return theta_of_device[torch.from_numpy(np.asarray(device_rows, dtype=np.int64))]
 
 
+def whole_device_chunks(device_rows: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges over samples sorted by device, each the fewest whole devices holding at least `chunk`
+    samples (the last may hold fewer)."""
+    rows = np.asarray(device_rows)
+    cuts = np.flatnonzero(np.diff(rows)) + 1  # where a new device starts
+    bounds, lo = [], 0
+    while lo < len(rows):
+        at = np.searchsorted(cuts, lo + chunk)  # the first device start at or after lo + chunk
+        hi = int(cuts[at]) if at < len(cuts) else len(rows)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
 @torch.no_grad()
 def teacher_logits(
     model: CloudModel,
@@ -71,13 +85,19 @@ def teacher_logits(
     theta_of_device: torch.Tensor,
     device_rows: np.ndarray,
     history_len: int,
+    chunk: int = 16384,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed teachers of MoMoDistill, f(x; W_t, G_t, θ̂_m), for the round's samples (sample i belongs to the
-    device with meta-patch theta_of_device[device_rows[i]]), and the broadcast model's own f(x; W_t) on them,
-    from one pass of the model's features."""
-    z0 = first_hidden_of(model, data, indices, history_len)
-    rows = torch.from_numpy(np.asarray(device_rows, dtype=np.int64))
-    return patched_logits(model, patch, z0, theta_of_device, rows), model.head_from_first(z0)
+    device with meta-patch theta_of_device[device_rows[i]], `device_rows` sorted), and the broadcast model's own
+    f(x; W_t) on them, from one pass of the model's features. Computed over whole devices at a time: memory stays
+    bounded (z_0 of 10^7 samples would be 8 GB) and each device's rows meet in one `patched_logits` call."""
+    rows = np.asarray(device_rows, dtype=np.int64)
+    teachers, base = [torch.zeros(0)], [torch.zeros(0)]
+    for lo, hi in whole_device_chunks(rows, chunk):
+        z0 = first_hidden_of(model, data, indices[lo:hi], history_len)
+        teachers.append(patched_logits(model, patch, z0, theta_of_device, torch.from_numpy(rows[lo:hi])))
+        base.append(model.head_from_first(z0))
+    return torch.cat(teachers), torch.cat(base)
 
 
 @torch.no_grad()
@@ -86,9 +106,24 @@ def cloud_logits(model: CloudModel, data: DeviceData, indices: np.ndarray, histo
     return model.head_from_first(first_hidden_of(model, data, indices, history_len))
 
 
-# bootstrapping keeps z_0 of every pretraining sample when it fits this; otherwise each minibatch computes its own
-# (at 10^6 devices, z_0 of ~1.7 × 10^7 pretraining samples would be 14 GB)
+# z_0 of a training set is computed once (in large chunks: faster than per minibatch even for one epoch) and kept
+# when it fits this; otherwise each minibatch computes its own (at 10^6 devices, z_0 of ~1.7 × 10^7 pretraining
+# samples would be 14 GB, of a round's ~5 × 10^6 samples 4 GB)
 Z0_CACHE_BYTES = 2**31
+
+
+class FirstHiddenSource:
+    """z_0 of fixed samples under a frozen model, by position in `indices`: cached or computed per minibatch."""
+
+    def __init__(self, model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int) -> None:
+        self.model, self.data, self.indices, self.history_len = model, data, indices, history_len
+        fits = len(indices) * model.hidden_sizes[0] * 4 <= Z0_CACHE_BYTES
+        self.cached = first_hidden_of(model, data, indices, history_len) if fits else None
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[positions]
+        return first_hidden_of(self.model, self.data, self.indices[positions.numpy()], self.history_len)
 
 
 def bootstrap_patch(
@@ -107,8 +142,7 @@ def bootstrap_patch(
     The table starts near zero (`bootstrap_init_std`) and carries the devices' own L2 penalty (`bootstrap_l2`), so
     Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
     trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md)."""
-    cached = len(indices) * model.hidden_sizes[0] * 4 <= Z0_CACHE_BYTES
-    z0_all = first_hidden_of(model, data, indices, history_len) if cached else None
+    z0_of = FirstHiddenSource(model, data, indices, history_len)
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
     generator = torch.Generator().manual_seed(seed)
@@ -125,10 +159,7 @@ def bootstrap_patch(
             total = 0.0
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                if z0_all is not None:
-                    z0 = z0_all[chunk]
-                else:
-                    z0 = first_hidden_of(model, data, indices[chunk.numpy()], history_len)
+                z0 = z0_of(chunk)
                 if table_optimizer is not None:
                     # only the minibatch's rows enter the graph, so no gradient the size of the table is formed
                     active, inverse = torch.unique(rows[chunk], return_inverse=True)
@@ -246,7 +277,7 @@ def patch_space_update(
     seed_keys: tuple[int, ...],
 ) -> list[float]:
     """Eq. 7: with W_{t+1} fixed, fit G and ψ so that σ(f(x; W_{t+1}, G, E_ψ(profile_m, θ̂_m))) matches the teachers."""
-    z0 = first_hidden_of(model, data, indices, history_len)
+    z0_of = FirstHiddenSource(model, data, indices, history_len)
     profile = torch.from_numpy(data.profile[data.rows_of(data.sample_device[indices])])
     optimizer = torch.optim.Adam([*patch.parameters(), *encoder.parameters()], lr=patch_config.lr)
     rng = seeded_generator(*seed_keys, 0xE7)
@@ -259,7 +290,7 @@ def patch_space_update(
             for start in range(0, len(order), config.batch_size):
                 chunk = order[start : start + config.batch_size]
                 theta = encoder(profile[chunk], theta_hat_of_sample[chunk])
-                logits = model.head_from_first(z0[chunk], patch.patch(theta))
+                logits = model.head_from_first(z0_of(chunk), patch.patch(theta))
                 loss = binary_kl_with_temperature(teachers[chunk], logits, config.temperature).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
