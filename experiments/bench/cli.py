@@ -118,6 +118,7 @@ def measure(part: str, args: argparse.Namespace, overrides: list[str], flops: de
             return device_phase.measure(args.devices, args.actor_devices, overrides, args.repeats, flops)
         case "scaling":
             counts = [n for n in args.scaling_devices if args.max_devices is None or n <= args.max_devices]
+            args.out.mkdir(parents=True, exist_ok=True)  # the plot is written before the part's JSON
             plot = args.out / "scaling_latency.png"
             work = args.work_dir / "scaling"
             return scaling.measure(counts, overrides, args.repeats, work, args.fit_from, plot, args.large_repeats)
