@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _flat_arrays(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return arrays
 
 
-def assert_same_results(a: Path, b: Path, eval_negatives: int = 9) -> None:
+def assert_same_results(a: Path, b: Path) -> None:
     """Same cloud model, patch generator and starting meta-patches (1e-5) and the same per-device records.
 
     Placement changes the shapes of batched float32 products, so scores agree to ~1e-7, not bit for bit; a
@@ -69,6 +70,7 @@ def assert_same_results(a: Path, b: Path, eval_negatives: int = 9) -> None:
     for name in ("device_id", "n_train", "n_test", "straggler", "gate_passed"):
         assert devices_a[name] == devices_b[name], name
     np.testing.assert_allclose(devices_a["sim_time_s"], devices_b["sim_time_s"], atol=1e-5)
+    eval_negatives = json.loads((a / "config.json").read_text())["data"]["eval_negatives"]
     positives = np.array(devices_a["n_test"]) / (1 + eval_negatives)
     one_pair = 1.0 / np.maximum(positives * positives * eval_negatives, 1.0)
     for name in ("start_auc", "device_auc", "cloud_auc"):
