@@ -9,7 +9,7 @@ import torch
 from dccl_sim import metrics
 from dccl_sim.config import ModelConfig
 from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, Batch
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.din import CloudModel, gather_rows
 from dccl_sim.models.training import fit, predict
 
 
@@ -50,17 +50,51 @@ def test_an_empty_batch_scores_to_an_empty_tensor() -> None:
     assert model.features(empty).shape[0] == 0
 
 
-def test_attention_equals_the_mlp_on_the_concatenation() -> None:
-    model = _model(attention_hidden=(7, 5))
-    batch = _batch()
+def _attention_by_concatenation(model: CloudModel, batch: Batch) -> torch.Tensor:
     table = model.item_table()
     target, history = table[batch.item], table[batch.history]
     t = target.unsqueeze(1).expand_as(history)
     hidden = torch.cat([history, t, history - t, history * t], dim=-1)
     for layer in model.attention_layers:
         hidden = torch.relu(layer(hidden))
-    expected = model.attention_out(hidden).squeeze(-1)
-    torch.testing.assert_close(model._attention_logits(history, target), expected, rtol=1e-5, atol=1e-6)
+    return model.attention_out(hidden).squeeze(-1)
+
+
+def _attention(model: CloudModel, batch: Batch) -> torch.Tensor:
+    table = model.item_table()
+    return model._attention_logits(table, batch.history, table[batch.history], table[batch.item])
+
+
+@pytest.mark.parametrize("samples", [6, 2])  # 30 positions, more than the 21 items (projected per item); 10, fewer
+def test_attention_equals_the_mlp_on_the_concatenation(samples: int) -> None:
+    model = _model(attention_hidden=(7, 5))
+    batch = _batch(samples)
+    expected = _attention_by_concatenation(model, batch)
+    torch.testing.assert_close(_attention(model, batch), expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the in-place path
+        torch.testing.assert_close(_attention(model, batch), expected.detach(), rtol=1e-5, atol=1e-6)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((_attention(model, batch) * weights).sum(), list(model.parameters()), allow_unused=True)
+    want = torch.autograd.grad(
+        (expected * weights).sum(), list(model.parameters()), allow_unused=True, retain_graph=True
+    )
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gather_rows_equals_indexing_in_value_and_gradient() -> None:
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(7, 3, generator=generator, requires_grad=True)
+    index = torch.tensor([[0, 6, 6], [2, 0, 6]])  # repeated rows must accumulate
+    upstream = torch.randn(2, 3, 3, generator=generator)
+    gathered = gather_rows(table, index)
+    assert torch.equal(gathered, table[index])
+    (grad,) = torch.autograd.grad((gathered * upstream).sum(), table)
+    (expected,) = torch.autograd.grad((table[index] * upstream).sum(), table)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
+    assert torch.equal(grad[[1, 3, 4, 5]], torch.zeros(4, 3))
 
 
 def test_padding_positions_do_not_change_the_output() -> None:

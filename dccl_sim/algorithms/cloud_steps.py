@@ -14,7 +14,7 @@ from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
-from dccl_sim.models.training import ExtraLoss, fit
+from dccl_sim.models.training import SCORING_CHUNK, ExtraLoss, fit
 from dccl_sim.seeding import seeded_generator
 
 
@@ -41,7 +41,7 @@ def _restore(states: list[tuple[nn.Parameter, bool]]) -> None:
 
 
 @torch.no_grad()
-def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = 16384):
+def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK):
     """The top-MLP input x of the given samples under a frozen model, computed in chunks to bound memory."""
     model.eval()
     parts = [model.features(data.batch(indices[i : i + chunk], history_len)) for i in range(0, len(indices), chunk)]
@@ -49,7 +49,9 @@ def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, histor
 
 
 @torch.no_grad()
-def first_hidden_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = 16384):
+def first_hidden_of(
+    model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK
+):
     """z_0 of the given samples under a frozen model."""
     parts = [
         model.first_hidden(features_of(model, data, indices[i : i + chunk], history_len, chunk))

@@ -89,6 +89,18 @@ def patched_logits(
     return logits[torch.argsort(torch.cat([few, many]))]
 
 
+def mean_per_device(
+    values: torch.Tensor, device: torch.Tensor, num_devices: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of each device's values (0 for a device without rows); with `weight`, Σ w·value / Σ w."""
+    if weight is None:
+        total = torch.zeros(num_devices, dtype=values.dtype).index_add(0, device, values)
+        return total / torch.bincount(device, minlength=num_devices).clamp(min=1)
+    total = torch.zeros(num_devices, dtype=values.dtype).index_add(0, device, weight * values)
+    mass = torch.zeros(num_devices, dtype=values.dtype).index_add(0, device, weight)
+    return total / torch.where(mass > 0, mass, torch.ones_like(mass))
+
+
 def loss_per_device(
     model: CloudModel,
     patch: MetaPatch,
@@ -100,16 +112,9 @@ def loss_per_device(
 ) -> torch.Tensor:
     """Mean BCE of each device's samples (0 for a device without samples); `device` gives each row's device.
     With `weight`, each device's weighted mean Σ w·BCE / Σ w."""
-    bce = functional.binary_cross_entropy_with_logits(
-        patched_logits(model, patch, z0, theta, device), label, reduction="none"
-    )
-    num_devices = theta.shape[0]
-    if weight is None:
-        total = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, bce)
-        return total / torch.bincount(device, minlength=num_devices).clamp(min=1)
-    total = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, weight * bce)
-    mass = torch.zeros(num_devices, dtype=bce.dtype).index_add(0, device, weight)
-    return total / torch.where(mass > 0, mass, torch.ones_like(mass))
+    logits = patched_logits(model, patch, z0, theta, device)
+    bce = functional.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    return mean_per_device(bce, device, theta.shape[0], weight)
 
 
 def train_patches(
@@ -154,7 +159,9 @@ def holdout_gate(model: CloudModel, patch: MetaPatch, samples: LocalSamples, the
     rows, device = _rows(samples.holdout_start, samples.ends)
     z0, label = samples.z0[rows], samples.label[rows]
     with_patch = loss_per_device(model, patch, z0, label, device, theta)
-    without = loss_per_device(model, patch, z0, label, device, torch.zeros_like(theta))
+    # θ = 0 is the cloud model itself (B = 0 adds exactly zero), so its loss needs no patch
+    bce = functional.binary_cross_entropy_with_logits(model.head_from_first(z0), label, reduction="none")
+    without = mean_per_device(bce, device, theta.shape[0])
     has_holdout = samples.ends > samples.holdout_start
     has_train = samples.holdout_start > samples.starts
     return (with_patch < without).numpy() & has_holdout & has_train

@@ -21,6 +21,26 @@ from dccl_sim.data.device_data import Batch
 HiddenPatch = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_rows = table.shape[0]
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        return grad.new_zeros(ctx.num_rows, flat.shape[1]).index_add_(0, index.reshape(-1), flat), None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a 2-D table: the same values and gradient, but the backward scatter-adds with index_add_,
+    which on CPU is 4× faster than indexing's or embedding's backward (sorting 20,480 positions into 2,001 rows)."""
+    return _GatherRows.apply(table, index)
+
+
 class CloudModel(nn.Module):
     """DIN-style CTR model; `forward(batch)` returns logits of shape [N]."""
 
@@ -64,16 +84,23 @@ class CloudModel(nn.Module):
         """Embeddings of every item index (item + its category), [num_items + 1, d]; row 0 is padding."""
         return self.item_embedding.weight + self.category_embedding(self.item_category)
 
-    def _attention_logits(self, history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _attention_logits(
+        self, table: torch.Tensor, history_ids: torch.Tensor, history: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
         # The first layer acts on [e_h, e_t, e_h - e_t, e_h * e_t]. Split its weight into the four blocks
         # W_h, W_t, W_d, W_p: hidden = e_h (W_h + W_d)^T + (e_h * e_t) W_p^T + e_t (W_t - W_d)^T + b — the same
-        # function as two matmuls over the [N·L, d] history, without the [N, L, 4d] concatenation.
+        # function without the [N, L, 4d] concatenation. e_h (W_h + W_d)^T depends on the item alone: when the
+        # batch has more positions than the table has items, it is projected once per item and gathered.
         first = self.attention_layers[0] if self.attention_layers else self.attention_out
         w_h, w_t, w_diff, w_prod = first.weight.chunk(4, dim=1)
         n, length, d = history.shape
         per_target = target @ (w_t - w_diff).T + first.bias
-        hidden = history.reshape(n * length, d) @ (w_h + w_diff).T
-        shape = (n, length, hidden.shape[1])
+        w_history = w_h + w_diff
+        if table.shape[0] <= n * length:
+            hidden = gather_rows(table @ w_history.T, history_ids.reshape(-1))
+        else:
+            hidden = history.reshape(n * length, d) @ w_history.T
+        shape = (n, length, w_history.shape[0])
         product = (history * target.unsqueeze(1)).reshape(n * length, d)
         if hidden.requires_grad:
             # out of place: for in-place updates of these views autograd would copy the [N·L, H] tensor back
@@ -99,10 +126,10 @@ class CloudModel(nn.Module):
         """The top-MLP input x = [pooled history, e_t, pooled * e_t, profile embeddings], shape [N, input_dim]."""
         self._check_items(batch)
         table = self.item_table()
-        target = table[batch.item]
-        history = table[batch.history]
+        target = gather_rows(table, batch.item)
+        history = gather_rows(table, batch.history)
         mask = batch.history > 0
-        logits = self._attention_logits(history, target).masked_fill(~mask, float("-inf"))
+        logits = self._attention_logits(table, batch.history, history, target).masked_fill(~mask, float("-inf"))
         # an empty history (a user's first interaction) pools to zero instead of NaN
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
         pooled = torch.einsum("nl,nld->nd", weights, history)
