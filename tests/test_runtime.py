@@ -138,13 +138,18 @@ def test_placement_does_not_change_results(tmp_path: Path, ray_session) -> None:
     assert_same_results(tmp_path / "local", tmp_path / "single")
 
 
-@pytest.mark.parametrize("strategy", ["dccl", "fedavg"])
-def test_training_a_pack_in_chunks_of_devices_does_not_change_results(tmp_path: Path, strategy: str) -> None:
-    whole = small_config(tmp_path / "whole", "runtime.backend=local", f"strategy={strategy}")
-    run(whole)
-    chunked = small_config(
-        tmp_path / "chunked", "runtime.backend=local", f"strategy={strategy}", "runtime.chunk_devices=3"
+@pytest.mark.parametrize(
+    ("strategy", "chunking"),
+    [("dccl", "runtime.chunk_devices=3"), ("fedavg", "runtime.chunk_devices=3"), ("dccl", "runtime.chunk_samples=1")],
+)
+def test_training_a_pack_in_chunks_of_devices_does_not_change_results(
+    tmp_path: Path, strategy: str, chunking: str
+) -> None:
+    whole = small_config(
+        tmp_path / "whole", "runtime.backend=local", f"strategy={strategy}", f"runtime.chunk_samples={2**40}"
     )
+    run(whole)
+    chunked = small_config(tmp_path / "chunked", "runtime.backend=local", f"strategy={strategy}", chunking)
     run(chunked)
     assert_same_results(tmp_path / "whole", tmp_path / "chunked")
 

@@ -103,6 +103,20 @@ class DeviceRole:
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round."""
         mine = self.device_ids[np.isin(self.device_ids, broadcast.participants)]
-        size = self.config.runtime.chunk_devices
-        chunks = [mine[i : i + size] for i in range(0, len(mine), size)] or [mine]
+        chunks = self._chunks(mine) or [mine]
         return merge_packs([self.strategy.device_round(self.side, broadcast, chunk) for chunk in chunks])
+
+    def _chunks(self, devices: np.ndarray) -> list[np.ndarray]:
+        """Consecutive runs of `devices` within `runtime.chunk_devices` devices and, past each run's first device,
+        `runtime.chunk_samples` samples."""
+        data, runtime = self.side.data, self.config.runtime
+        counts = np.bincount(data.rows_of(data.sample_device), minlength=data.num_devices)[data.rows_of(devices)]
+        ends = np.cumsum(counts)
+        chunks, lo = [], 0
+        while lo < len(devices):
+            before = int(ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(ends, before + runtime.chunk_samples, side="right")))
+            hi = min(hi, lo + runtime.chunk_devices)
+            chunks.append(devices[lo:hi])
+            lo = hi
+        return chunks
