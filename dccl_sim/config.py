@@ -210,10 +210,10 @@ class RuntimeConfig(Section):
     deadline_s: PositiveFloat | None = None
     torch_threads: PositiveInt | None = None
     # a pack trains its devices in chunks, one after another: at most `chunk_devices` devices and, past a chunk's
-    # first device, at most `chunk_samples` of their samples (all splits). Memory stays bounded and results do not
-    # depend on it. Small chunks keep each step's tensors within what the allocator reuses: with 16,384 devices a
-    # 50,000-device device phase took 45 s instead of 15, and on ML-100K (~2,200 samples a device, evaluation
-    # negatives included) a whole pack at once took round 0's device phase 128 s and 8.3 GB instead of 40 s and 3.2
+    # first device, at most `chunk_samples` of their samples (all splits). Memory stays bounded, results do not
+    # depend on it, and small chunks keep each step's tensors within memory the allocator reuses. On ML-100K
+    # (~2,200 samples a device with its evaluation negatives) one chunk per pack took round 0's device phase 128 s
+    # and 8.3 GB, these defaults 26 s and 2.8 GB
     chunk_devices: PositiveInt = 1024
     chunk_samples: PositiveInt = 65536
 

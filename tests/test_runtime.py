@@ -14,7 +14,7 @@ import torch
 from dccl_sim import metrics
 from dccl_sim.config import SimConfig, load_config
 from dccl_sim.runtime.driver import sample_participants
-from dccl_sim.runtime.placement import plan_packs
+from dccl_sim.runtime.placement import chunk_bounds, plan_packs
 from dccl_sim.runtime.ray_runtime import RayRuntime, RuntimeStartError
 from dccl_sim.runtime.records import LATER_DEVICE_COLUMNS
 from dccl_sim.runtime.session import resume_state, run
@@ -94,6 +94,16 @@ def test_packs_are_contiguous_ranges() -> None:
     auto = load_config().runtime
     assert len(plan_packs(943, auto, cpus=2)) == 2
     assert len(plan_packs(1, auto, cpus=8)) == 1
+
+
+def test_chunks_hold_at_most_chunk_devices_and_chunk_samples_past_their_first_device() -> None:
+    counts = np.array([3, 3, 3, 10, 1, 1, 1, 1, 1])
+    by_samples = load_config(None, ["runtime.chunk_samples=6"]).runtime
+    # a device with more samples than the bound gets a chunk of its own, not an empty one before it
+    assert chunk_bounds(counts, by_samples) == [(0, 2), (2, 3), (3, 4), (4, 9)]
+    both = load_config(None, ["runtime.chunk_samples=6", "runtime.chunk_devices=3"]).runtime
+    assert chunk_bounds(counts, both) == [(0, 2), (2, 3), (3, 4), (4, 7), (7, 9)]
+    assert chunk_bounds(np.zeros(0, dtype=np.int64), both) == []
 
 
 def test_local_run_writes_the_run_directory(tmp_path: Path) -> None:

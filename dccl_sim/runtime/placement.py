@@ -27,3 +27,17 @@ def plan_packs(num_devices: int, config: RuntimeConfig, cpus: int) -> list[np.nd
         np.asarray(p, dtype=np.int64)
         for p in np.array_split(np.arange(num_devices), num_packs(num_devices, config, cpus))
     ]
+
+
+def chunk_bounds(samples_per_device: np.ndarray, config: RuntimeConfig) -> list[tuple[int, int]]:
+    """[lo, hi) runs of consecutive devices, each at most `chunk_devices` devices and, past its first device, at
+    most `chunk_samples` samples: a pack trains one run at a time."""
+    ends = np.cumsum(samples_per_device)
+    bounds, lo = [], 0
+    while lo < len(ends):
+        before = int(ends[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, before + config.chunk_samples, side="right")))
+        hi = min(hi, lo + config.chunk_devices)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds

@@ -17,6 +17,7 @@ from dccl_sim.config import SimConfig
 from dccl_sim.data.device_data import DeviceData
 from dccl_sim.data.store import read_devices, read_item_category, read_meta
 from dccl_sim.models.factory import ModelSpec
+from dccl_sim.runtime.placement import chunk_bounds
 
 
 def model_spec(dataset_root: str) -> ModelSpec:
@@ -95,6 +96,9 @@ class DeviceRole:
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.strategy = get_strategy(config.strategy)
         self.side = DeviceSide(config, model_spec(dataset_root), load_devices(config, dataset_root, self.device_ids))
+        data = self.side.data
+        # every sample a device holds (all splits): what sizes a chunk's work
+        self.samples_per_device = np.bincount(data.rows_of(data.sample_device), minlength=data.num_devices)
 
     def ready(self) -> bool:
         """Answers once the actor is constructed (its data loaded)."""
@@ -103,20 +107,6 @@ class DeviceRole:
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round."""
         mine = self.device_ids[np.isin(self.device_ids, broadcast.participants)]
-        chunks = self._chunks(mine) or [mine]
+        counts = self.samples_per_device[self.side.data.rows_of(mine)]
+        chunks = [mine[lo:hi] for lo, hi in chunk_bounds(counts, self.config.runtime)] or [mine]
         return merge_packs([self.strategy.device_round(self.side, broadcast, chunk) for chunk in chunks])
-
-    def _chunks(self, devices: np.ndarray) -> list[np.ndarray]:
-        """Consecutive runs of `devices` within `runtime.chunk_devices` devices and, past each run's first device,
-        `runtime.chunk_samples` samples."""
-        data, runtime = self.side.data, self.config.runtime
-        counts = np.bincount(data.rows_of(data.sample_device), minlength=data.num_devices)[data.rows_of(devices)]
-        ends = np.cumsum(counts)
-        chunks, lo = [], 0
-        while lo < len(devices):
-            before = int(ends[lo - 1]) if lo else 0
-            hi = max(lo + 1, int(np.searchsorted(ends, before + runtime.chunk_samples, side="right")))
-            hi = min(hi, lo + runtime.chunk_devices)
-            chunks.append(devices[lo:hi])
-            lo = hi
-        return chunks
