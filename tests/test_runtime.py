@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from dccl_sim import metrics
 from dccl_sim.config import SimConfig, load_config
+from dccl_sim.data.prepare import prepare_dataset
 from dccl_sim.runtime.driver import sample_participants
 from dccl_sim.runtime.placement import chunk_bounds, plan_packs
 from dccl_sim.runtime.ray_runtime import RayRuntime, RuntimeStartError
@@ -232,3 +234,25 @@ def test_unreachable_address_fails_fast() -> None:
     with pytest.raises(RuntimeStartError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:1"):
         _ = RayRuntime(address="127.0.0.1:1").num_cpus
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("torch_threads", [None, 1])
+def test_every_actor_starts_openmp_with_the_threads_its_torch_uses(
+    tmp_path: Path, ray_session, torch_threads: int | None
+) -> None:
+    # Ray starts an actor below one CPU with OMP_NUM_THREADS=1, and libgomp started so runs several threads slower
+    def openmp_and_torch_threads(_role) -> tuple[str | None, int]:  # nested: Ray ships it by value
+        return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+
+    threads = [] if torch_threads is None else [f"runtime.torch_threads={torch_threads}"]
+    config = small_config(tmp_path, "runtime.num_actors=2", *threads)
+    runtime = RayRuntime()
+    runtime.start(config, str(prepare_dataset(config.data, config.seed)), plan_packs(8, config.runtime, cpus=2))
+    try:
+        actors = [runtime._cloud, *runtime._packs]
+        found = ray_session.get([actor.__ray_call__.remote(openmp_and_torch_threads) for actor in actors])
+    finally:
+        runtime.shutdown()
+    cloud, *packs = found
+    assert cloud == (str(torch_threads or 2), torch_threads or 2)  # the session's Ray has 2 CPUs
+    assert packs == [(str(torch_threads or 1), torch_threads or 1)] * 2

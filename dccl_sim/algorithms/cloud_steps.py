@@ -40,12 +40,20 @@ def _restore(states: list[tuple[nn.Parameter, bool]]) -> None:
         p.requires_grad_(flag)
 
 
+def _in_chunks(compute, indices: np.ndarray, width: int, chunk: int) -> torch.Tensor:
+    """compute(indices chunk) -> [len, width] for each chunk, written into one preallocated tensor: no list of parts
+    and no copy into a second tensor as large (fresh memory is costly on some VMs: 4 s for a 374 MB torch.cat)."""
+    out = torch.empty(len(indices), width)
+    for start in range(0, len(indices), chunk):
+        out[start : start + chunk] = compute(indices[start : start + chunk])
+    return out
+
+
 @torch.no_grad()
 def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK):
     """The top-MLP input x of the given samples under a frozen model, computed in chunks to bound memory."""
     model.eval()
-    parts = [model.features(data.batch(indices[i : i + chunk], history_len)) for i in range(0, len(indices), chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, model.input_dim)
+    return _in_chunks(lambda part: model.features(data.batch(part, history_len)), indices, model.input_dim, chunk)
 
 
 @torch.no_grad()
@@ -53,11 +61,13 @@ def first_hidden_of(
     model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK
 ):
     """z_0 of the given samples under a frozen model."""
-    parts = [
-        model.first_hidden(features_of(model, data, indices[i : i + chunk], history_len, chunk))
-        for i in range(0, len(indices), chunk)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, model.hidden_sizes[0])
+    model.eval()
+    return _in_chunks(
+        lambda part: model.first_hidden(model.features(data.batch(part, history_len))),
+        indices,
+        model.hidden_sizes[0],
+        chunk,
+    )
 
 
 def per_sample_theta(theta_of_device: torch.Tensor, device_rows: np.ndarray) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +44,9 @@ class CloudRole:
     """The cloud: its models and per-device state, the strategy's cloud step, evaluation and checkpoints."""
 
     def __init__(self, config: SimConfig, dataset_root: str, torch_threads: int | None = None) -> None:
-        """`torch_threads`: None keeps torch's default, -1 means every core of this machine."""
+        """`torch_threads`: None keeps torch's default."""
         if torch_threads:
-            torch.set_num_threads((os.cpu_count() or 1) if torch_threads == -1 else torch_threads)
+            torch.set_num_threads(torch_threads)
         self.config = config
         self.strategy = get_strategy(config.strategy)
         self.side = CloudSide(config, model_spec(dataset_root), load_devices(config, dataset_root))
