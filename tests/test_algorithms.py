@@ -17,7 +17,7 @@ from dccl_sim.algorithms.cloud_steps import (
     momodistill_step,
     teacher_weights,
 )
-from dccl_sim.algorithms.device_side import newest_slice_starts
+from dccl_sim.algorithms.device_side import group_by_device, newest_slice_starts
 from dccl_sim.algorithms.metapatch_step import (
     GROUPED_MIN_ROWS,
     LocalSamples,
@@ -338,6 +338,18 @@ def test_newest_slice_starts_match_the_per_device_quantile() -> None:
                 cut = np.quantile(positions[lo:hi], 1.0 - frac, method="higher")
                 expected[m] = lo + np.searchsorted(positions[lo:hi], cut)
         np.testing.assert_array_equal(newest_slice_starts(positions, starts, ends, frac), expected)
+
+
+def test_group_by_device_finds_each_devices_masked_samples_in_storage_order(synthetic_small) -> None:
+    data = synthetic_small.data
+    mask = (data.split == SPLIT_TRAIN) & (np.arange(data.num_samples) % 3 > 0)
+    device_ids = np.sort(np.random.default_rng(0).choice(data.device_ids, 40, replace=False))
+    device_ids = np.append(device_ids, data.device_ids.max() + 5)  # a device this data does not hold: no samples
+    grouped = group_by_device(data, device_ids, mask)
+    for row, device in enumerate(device_ids):
+        expected = np.flatnonzero(mask & (data.sample_device == device))
+        np.testing.assert_array_equal(grouped.indices[grouped.starts[row] : grouped.ends[row]], expected)
+    assert grouped.ends[-1] == len(grouped.indices)
 
 
 def _bootstrapped(built, table: str, cache_bytes: int, monkeypatch) -> tuple[MetaPatch, list[float]]:

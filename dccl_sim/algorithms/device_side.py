@@ -13,7 +13,14 @@ from dccl_sim.algorithms.cloud_steps import first_hidden_of
 from dccl_sim.algorithms.metapatch_step import LocalSamples
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state
 from dccl_sim.config import SimConfig
-from dccl_sim.data.device_data import QUERY_POS_BITS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
+from dccl_sim.data.device_data import (
+    QUERY_POS_BITS,
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+    SPLIT_VALID,
+    DeviceData,
+    index_ranges,
+)
 from dccl_sim.models.factory import Models, ModelSpec, build_models
 
 
@@ -28,7 +35,11 @@ class RoundSamples:
 
 def group_by_device(data: DeviceData, device_ids: np.ndarray, mask: np.ndarray) -> RoundSamples:
     """The samples under `mask` of each device in `device_ids` (sorted), in storage (time) order."""
-    indices = np.flatnonzero(mask & np.isin(data.sample_device, device_ids))
+    # samples are stored sorted by device: each device's are one range, found by binary search, not by a pass
+    # over every sample the pack holds (np.isin took 11.5 ms per 1,024-device chunk of a 50,000-device pack)
+    first = np.searchsorted(data.sample_device, device_ids, side="left")
+    held = index_ranges(first, np.searchsorted(data.sample_device, device_ids, side="right") - first)
+    indices = held[mask[held]]
     bounds = np.searchsorted(data.sample_device[indices], np.append(device_ids, np.iinfo(np.int64).max))
     return RoundSamples(indices, bounds[:-1], bounds[1:])
 

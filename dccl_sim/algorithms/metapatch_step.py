@@ -17,6 +17,7 @@ from torch.nn import functional
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.algorithms.schedule import minibatch_schedule
 from dccl_sim.config import DeviceConfig
+from dccl_sim.data.device_data import index_ranges
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 
@@ -148,8 +149,7 @@ def train_patches(
 def _rows(starts: np.ndarray, ends: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = ends - starts
     device = np.repeat(np.arange(len(starts)), lengths)
-    rows = np.arange(lengths.sum()) + np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(device.astype(np.int64))
+    return torch.from_numpy(index_ranges(starts, lengths)), torch.from_numpy(device.astype(np.int64))
 
 
 @torch.no_grad()

@@ -117,7 +117,7 @@ class DeviceData:
         device_ids = np.asarray(device_ids, dtype=np.int64)
         rows = self.rows_of(device_ids)
         lengths = np.diff(self.seq_offsets)[rows]
-        seq_index = _ranges(self.seq_offsets[rows], lengths)
+        seq_index = index_ranges(self.seq_offsets[rows], lengths)
         keep = np.isin(self.sample_device, device_ids)
         return DeviceData(
             device_ids=device_ids,
@@ -134,7 +134,7 @@ class DeviceData:
         )
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def index_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenated aranges [start, start + length) without a Python loop."""
     total = int(lengths.sum())
     if total == 0:
