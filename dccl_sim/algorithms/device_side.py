@@ -36,7 +36,7 @@ class RoundSamples:
 def group_by_device(data: DeviceData, device_ids: np.ndarray, mask: np.ndarray) -> RoundSamples:
     """The samples under `mask` of each device in `device_ids` (sorted), in storage (time) order."""
     # samples are stored sorted by device: each device's are one range, found by binary search, not by a pass
-    # over every sample the pack holds (np.isin took 11.5 ms per 1,024-device chunk of a 50,000-device pack)
+    # over every sample the pack holds (np.isin took 14 ms per 1,024-device chunk of a 50,000-device pack, this 1 ms)
     first = np.searchsorted(data.sample_device, device_ids, side="left")
     held = index_ranges(first, np.searchsorted(data.sample_device, device_ids, side="right") - first)
     indices = held[mask[held]]

@@ -54,8 +54,8 @@ def _largest_node_cpus() -> int:
 
 def _omp_threads(threads: int) -> dict[str, dict[str, str]]:
     """A runtime_env starting the actor's OpenMP with the threads torch will use. Ray starts an actor below one CPU
-    with OMP_NUM_THREADS=1, and libgomp started so runs 2 threads 1.35× slower even after torch.set_num_threads(2)
-    (15.3 against 11.3 ms a cloud minibatch)."""
+    with OMP_NUM_THREADS=1; in a bare zero-CPU actor, libgomp started so ran a 2-thread cloud minibatch in 15.3 ms
+    against 11.3 after torch.set_num_threads(2) (in the whole simulation the gain was within noise)."""
     return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
 
 
@@ -103,8 +103,8 @@ class RayRuntime(Runtime):
         cpus = self.num_cpus
         share = cpus / len(packs)
         threads = config.runtime.torch_threads or max(1, int(share))
-        # the cloud asks Ray for no CPU (it works while the devices wait) and uses all of a node's cores: Ray
-        # would otherwise pin the actor's torch to one thread
+        # the cloud asks Ray for no CPU (it works while the devices wait) and uses as many threads as the largest
+        # node has CPUs: Ray would otherwise pin the actor's torch to one thread
         cloud_threads = config.runtime.torch_threads or _largest_node_cpus()
         self._cloud = CloudActor.options(runtime_env=_omp_threads(cloud_threads)).remote(
             config, dataset_root, cloud_threads
