@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dccl_sim.data.device_data import index_ranges
 from dccl_sim.seeding import seeded_generator
 
 
@@ -52,8 +53,7 @@ def minibatch_schedule(
             at += count
     lengths = counts * epochs
     device = np.repeat(rows, lengths)
-    first = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each entry's device's first entry
-    offset = np.arange(len(sample)) - first  # epoch * count + position within the epoch
+    offset = index_ranges(np.zeros_like(lengths), lengths)  # epoch * count + position within the epoch
     count_of = np.repeat(counts, lengths)
     epoch, position = offset // count_of, offset % count_of
     sample += np.repeat(np.asarray(starts, dtype=np.int64)[rows], lengths)

@@ -97,7 +97,7 @@ class DeviceRole:
         self.side = DeviceSide(config, model_spec(dataset_root), load_devices(config, dataset_root, self.device_ids))
         data = self.side.data
         # every sample a device holds (all splits): what sizes a chunk's work
-        self.samples_per_device = np.bincount(data.rows_of(data.sample_device), minlength=data.num_devices)
+        self.samples_per_device = np.bincount(data.sample_row, minlength=data.num_devices)
 
     def ready(self) -> bool:
         """Answers once the actor is constructed (its data loaded)."""
