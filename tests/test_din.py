@@ -9,7 +9,8 @@ import torch
 from dccl_sim import metrics
 from dccl_sim.config import ModelConfig
 from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, Batch
-from dccl_sim.models.din import CloudModel, gather_rows
+from dccl_sim.models import din
+from dccl_sim.models.din import CloudModel, HistoryPositions, gather_rows
 from dccl_sim.models.training import fit, predict
 
 
@@ -42,7 +43,7 @@ def test_shapes_and_hidden_layers() -> None:
     assert torch.isfinite(model(batch)).all()  # an empty history pools to zero, not NaN
 
 
-def test_an_empty_batch_scores_to_an_empty_tensor() -> None:
+def test_an_empty_batch_scores_to_an_empty_tensor(layout: str) -> None:
     model = _model()
     full = _batch()
     empty = Batch(item=full.item[:0], history=full.history[:0], profile=full.profile[:0], label=full.label[:0])
@@ -50,23 +51,62 @@ def test_an_empty_batch_scores_to_an_empty_tensor() -> None:
     assert model.features(empty).shape[0] == 0
 
 
-def _attention_by_concatenation(model: CloudModel, batch: Batch) -> torch.Tensor:
+def _attention_by_concatenation(model: CloudModel, batch: Batch, *, dense: bool = False) -> torch.Tensor:
+    """The attention MLP on [e_h, e_t, e_h - e_t, e_h * e_t] at every position ([N, L] if `dense`), or at the
+    valid ones in row-major order."""
     table = model.item_table()
     target, history = table[batch.item], table[batch.history]
     t = target.unsqueeze(1).expand_as(history)
     hidden = torch.cat([history, t, history - t, history * t], dim=-1)
     for layer in model.attention_layers:
         hidden = torch.relu(layer(hidden))
-    return model.attention_out(hidden).squeeze(-1)
+    logits = model.attention_out(hidden).squeeze(-1)
+    return logits if dense else logits[batch.history > 0]
+
+
+def test_features_equal_the_masked_softmax_over_every_position(layout: str) -> None:
+    """Scoring only the valid positions is the definition's masked softmax over all L, in value and gradient."""
+    model = _model(attention_hidden=(7,))
+    batch = _batch()
+    table = model.item_table()
+    history, target = table[batch.history], table[batch.item]
+    logits = _attention_by_concatenation(model, batch, dense=True).masked_fill(batch.history == 0, float("-inf"))
+    pooled = torch.einsum("nl,nld->nd", torch.softmax(logits, dim=1).nan_to_num(0.0), history)
+    profiles = [embedding(batch.profile[:, i]) for i, embedding in enumerate(model.profile_embeddings)]
+    expected = torch.cat([pooled, target, pooled * target, *profiles], dim=1)
+    got = model.features(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    d = model.item_embedding.embedding_dim
+    assert torch.equal(got[0, :d], torch.zeros(d))  # the empty history pools to zero
+    parameters = list(model.parameters())
+    for a, b in zip(
+        torch.autograd.grad(got.square().sum(), parameters, allow_unused=True),
+        torch.autograd.grad(expected.square().sum(), parameters, allow_unused=True),
+        strict=True,
+    ):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=["dense", "ragged"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Score every history position, or only the non-padding ones, whatever the share of padding."""
+    monkeypatch.setattr(din, "RAGGED_BELOW", 0.0 if request.param == "dense" else 1.01)
+    return request.param
 
 
 def _attention(model: CloudModel, batch: Batch) -> torch.Tensor:
+    """The model's attention logits, at the valid (non-padding) positions in row-major order."""
     table = model.item_table()
-    return model._attention_logits(table, batch.history, table[batch.history], table[batch.item])
+    positions = HistoryPositions.of(batch.history)
+    logits = model._attention_logits(table, positions, table[positions.item], table[batch.item])
+    return logits[batch.history.reshape(-1) > 0] if positions.flat is None else logits
 
 
-@pytest.mark.parametrize("samples", [6, 2])  # 30 positions, more than the 21 items (projected per item); 10, fewer
-def test_attention_equals_the_mlp_on_the_concatenation(samples: int) -> None:
+# 22 valid positions, more than the 21 items (projected per item); 2, fewer
+@pytest.mark.parametrize("samples", [6, 2])
+def test_attention_equals_the_mlp_on_the_concatenation(samples: int, layout: str) -> None:
     model = _model(attention_hidden=(7, 5))
     batch = _batch(samples)
     expected = _attention_by_concatenation(model, batch)
@@ -97,7 +137,7 @@ def test_gather_rows_equals_indexing_in_value_and_gradient() -> None:
     assert torch.equal(grad[[1, 3, 4, 5]], torch.zeros(4, 3))
 
 
-def test_padding_positions_do_not_change_the_output() -> None:
+def test_padding_positions_do_not_change_the_output(layout: str) -> None:
     model = _model()
     batch = _batch()
     longer = Batch(

@@ -1,14 +1,15 @@
 """The cloud recommender f(x; W): a DIN-style model (DESIGN.md §3).
 
 Items are embedded as item + category embeddings; the history is pooled with attention weights from
-`MLP([e_h, e_t, e_h - e_t, e_h * e_t])` (masked softmax over the valid positions); the top MLP reads
-`x = [pooled, e_t, pooled * e_t, profile embeddings]`. `features` and `head` are exposed separately so that
-device steps compute x once per round and patches can act on the top MLP's hidden layers.
+`MLP([e_h, e_t, e_h - e_t, e_h * e_t])` (masked softmax over the valid positions; when many are padding, only those
+are scored); the top MLP reads `x = [pooled, e_t, pooled * e_t, profile embeddings]`. `features` and `head` are
+exposed separately so that device steps compute x once per round and patches can act on the top MLP's hidden layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -39,6 +40,63 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] for a 2-D table: the same values and gradient, but the backward scatter-adds with index_add_,
     which on CPU is 4× faster than indexing's or embedding's backward (sorting 20,480 positions into 2,001 rows)."""
     return _GatherRows.apply(table, index)
+
+
+# below this share of non-padding positions a batch scores only those (ragged); above it, all N·L positions (dense),
+# where broadcasting beats gathering every position's per-sample terms. Measured on 2 threads, one process: at 42%
+# valid (synthetic round samples) ragged trains 1.3× and scores 1.5× faster; scoring breaks even near 60% and
+# ragged is 2× slower at 80% (ML-100K's batches are 95% valid)
+RAGGED_BELOW = 0.6
+
+
+@dataclass(frozen=True)
+class HistoryPositions:
+    """The history positions a batch scores, V of them: every one of the N·L (dense) or, when many are padding (a
+    user's early samples), only the non-padding ones (ragged). Padding only costs work: its attention weight is 0."""
+
+    shape: tuple[int, int]  # [N, L]
+    mask: torch.Tensor  # [N, L] bool, the non-padding positions
+    item: torch.Tensor  # [V] the item at each position (0 at padding)
+    flat: torch.Tensor | None  # ragged: [V] index into the flattened N·L positions; dense: None
+    sample: torch.Tensor | None  # ragged: [V] the sample (row) of each position, ascending; dense: None
+
+    @classmethod
+    def of(cls, history: torch.Tensor) -> HistoryPositions:
+        n, length = history.shape
+        ids = history.reshape(-1)
+        mask = history > 0
+        if int(mask.sum()) >= RAGGED_BELOW * ids.numel():
+            return cls((n, length), mask, ids, None, None)
+        flat = torch.nonzero(ids).squeeze(1)
+        return cls((n, length), mask, ids.index_select(0, flat), flat, flat // length)
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+    def combine(self, rows: torch.Tensor, per_sample: torch.Tensor, op: Callable) -> torch.Tensor:
+        """op(rows, the per-sample row of each position): [V, k] with [N, k] -> [V, k] (op may work in place)."""
+        if self.sample is None:
+            n, length = self.shape
+            return op(rows.view(n, length, rows.shape[1]), per_sample.unsqueeze(1)).view(n * length, rows.shape[1])
+        return op(rows, gather_rows(per_sample, self.sample))
+
+    def attention_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The softmax over each sample's valid positions of the positions' logits [V], as [N, L]."""
+        n, length = self.shape
+        if self.flat is None:
+            dense = logits.view(n, length).masked_fill(~self.mask, float("-inf"))
+        else:
+            dense = logits.new_full((n * length,), float("-inf")).index_copy(0, self.flat, logits).view(n, length)
+        # an empty history (a user's first interaction) pools to zero instead of NaN
+        return torch.softmax(dense, dim=1).nan_to_num(0.0)
+
+    def pool(self, weights: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """sum over a sample's positions of weight × embedding: [N, L] with [V, d] -> [N, d]."""
+        n, length = self.shape
+        if self.flat is None:
+            return torch.einsum("nl,nld->nd", weights, history.view(n, length, history.shape[1]))
+        weighted = history * weights.reshape(-1).index_select(0, self.flat).unsqueeze(1)
+        return history.new_zeros(n, history.shape[1]).index_add(0, self.sample, weighted)
 
 
 class CloudModel(nn.Module):
@@ -85,28 +143,25 @@ class CloudModel(nn.Module):
         return self.item_embedding.weight + self.category_embedding(self.item_category)
 
     def _attention_logits(
-        self, table: torch.Tensor, history_ids: torch.Tensor, history: torch.Tensor, target: torch.Tensor
+        self, table: torch.Tensor, positions: HistoryPositions, history: torch.Tensor, target: torch.Tensor
     ) -> torch.Tensor:
         # The first layer acts on [e_h, e_t, e_h - e_t, e_h * e_t]. Split its weight into the four blocks
         # W_h, W_t, W_d, W_p: hidden = e_h (W_h + W_d)^T + (e_h * e_t) W_p^T + e_t (W_t - W_d)^T + b — the same
-        # function without the [N, L, 4d] concatenation. e_h (W_h + W_d)^T depends on the item alone: when the
-        # batch has more positions than the table has items, it is projected once per item and gathered.
+        # function without the [V, 4d] concatenation. e_h (W_h + W_d)^T depends on the item alone: when there are
+        # more positions than the table has items, it is projected once per item and gathered.
         first = self.attention_layers[0] if self.attention_layers else self.attention_out
         w_h, w_t, w_diff, w_prod = first.weight.chunk(4, dim=1)
-        n, length, d = history.shape
         per_target = target @ (w_t - w_diff).T + first.bias
         w_history = w_h + w_diff
-        if table.shape[0] <= n * length:
-            hidden = gather_rows(table @ w_history.T, history_ids.reshape(-1))
+        if table.shape[0] <= len(positions):
+            hidden = gather_rows(table @ w_history.T, positions.item)
         else:
-            hidden = history.reshape(n * length, d) @ w_history.T
-        shape = (n, length, w_history.shape[0])
-        product = (history * target.unsqueeze(1)).reshape(n * length, d)
+            hidden = history @ w_history.T
+        product = positions.combine(history, target, torch.mul)
         if hidden.requires_grad:
-            # out of place: for in-place updates of these views autograd would copy the [N·L, H] tensor back
-            hidden = torch.addmm(hidden, product, w_prod.T).view(shape) + per_target.unsqueeze(1)
+            hidden = torch.addmm(positions.combine(hidden, per_target, torch.add), product, w_prod.T)
         else:
-            hidden = hidden.addmm_(product, w_prod.T).view(shape).add_(per_target.unsqueeze(1))
+            hidden = positions.combine(hidden, per_target, torch.Tensor.add_).addmm_(product, w_prod.T)
         if not self.attention_layers:
             return hidden.squeeze(-1)
         hidden = torch.relu(hidden) if hidden.requires_grad else hidden.relu_()
@@ -127,12 +182,10 @@ class CloudModel(nn.Module):
         self._check_items(batch)
         table = self.item_table()
         target = gather_rows(table, batch.item)
-        history = gather_rows(table, batch.history)
-        mask = batch.history > 0
-        logits = self._attention_logits(table, batch.history, history, target).masked_fill(~mask, float("-inf"))
-        # an empty history (a user's first interaction) pools to zero instead of NaN
-        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)
-        pooled = torch.einsum("nl,nld->nd", weights, history)
+        positions = HistoryPositions.of(batch.history)
+        history = gather_rows(table, positions.item)
+        logits = self._attention_logits(table, positions, history, target)
+        pooled = positions.pool(positions.attention_weights(logits), history)
         parts = [pooled, target, pooled * target]
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
