@@ -19,7 +19,7 @@ from dccl_sim.seeding import seeded_generator
 # (about 12 MB at L = 20) stay near the cache; 16,384 was 1.7× slower per sample on 1 thread
 SCORING_CHUNK = 4096
 
-# extra loss on a minibatch: (logits, batch, sample indices) -> scalar
+# extra loss on a minibatch: (logits, batch, the samples' positions in `fit`'s `indices`) -> scalar
 ExtraLoss = Callable[[torch.Tensor, Batch, np.ndarray], torch.Tensor]
 
 
@@ -38,7 +38,9 @@ def fit(
 ) -> list[float]:
     """Minimize mean BCE (plus `extra_loss`) over the samples `indices` with Adam; returns the mean loss per epoch.
 
-    Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible.
+    Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible. The order is drawn
+    as positions into `indices`, so that `extra_loss` finds per-sample values by position, not by searching for the
+    sample (a binary search of 1,024 samples among 467,346 took 0.6 ms a step, 4% of a cloud step).
     """
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)
@@ -46,15 +48,17 @@ def fit(
     losses = []
     model.train()
     for _ in range(epochs):
-        order = rng.permutation(indices)
+        # the same order as rng.permutation(indices): numpy shuffles arange(n) with the same draws
+        order = rng.permutation(len(indices))
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+            positions = order[start : start + batch_size]
+            chunk = indices[positions]
             batch = data.batch(chunk, history_len)
             logits = model(batch)
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
             if extra_loss is not None:
-                loss = loss + extra_loss(logits, batch, chunk)
+                loss = loss + extra_loss(logits, batch, positions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
