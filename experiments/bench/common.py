@@ -125,17 +125,19 @@ def versions() -> dict[str, str]:
 
 
 def _git_commit() -> str:
+    """The checkout's commit, "-dirty" if tracked files differ from it, the benchmark's own results aside (the
+    parts of one `make bench` write them in turn, which would otherwise mark every part after the first)."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude)results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return out.stdout.strip()
+    return f"{commit}-dirty" if changed else commit
 
 
 @dataclass(frozen=True)
