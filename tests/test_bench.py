@@ -142,7 +142,7 @@ def test_flower_runs_in_its_environment_and_its_table(tmp_path: Path, monkeypatc
     assert payload["results"] == flower_result([3, 4])
     argv = json.loads((tmp_path / "argv.json").read_text())
     assert argv[:6] == ["-m", "bench.flower_sim", "--devices", "3", "4", "--repeats"]
-    assert argv[argv.index("--client-cpus") + 1] == "2.0"
+    assert argv[argv.index("--client-cpus") + 1] == "1.0"
     assert "data.source=synthetic" in argv and "data.eval_negatives=9" in argv  # the device phase's setting
     table = (tmp_path / "README_table.md").read_text()
     assert "| 3 | packed, in-process, 1 thread | 20 | 200 | 0.5 | 5 | 40× | 40× | 2.0e-09 |" in table

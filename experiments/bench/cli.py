@@ -90,8 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--flower-client-cpus",
         type=float,
-        default=2.0,
-        help="Flower side by side: client_resources num_cpus (default 2, Flower's own default)",
+        default=1.0,
+        help="Flower side by side: client_resources num_cpus (default 1: an actor per core; Flower's own is 2)",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"

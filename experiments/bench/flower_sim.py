@@ -12,8 +12,10 @@ returns its meta-patch θ̂ (k floats). Evaluation is not part of it. Three ways
 - `flower`: a ClientApp per device (`@app.train()`, Flower's Message API), the device id being its node's
   `partition-id`; the ServerApp's `main` sends every node the round-0 broadcast as an ArrayRecord in one Message per
   node and collects the θ̂ of the replies, for two rounds (both round 0 of dccl-sim: the same work twice) in one
-  `flwr.simulation.run_simulation` call with Flower's default backend config (Ray started by Flower on every core;
-  `client_resources` as given, by default Flower's own: 2 CPUs per ClientApp). Startup excluded: the second round,
+  `flwr.simulation.run_simulation` call with Flower's default backend config (Ray started by Flower on every core)
+  but `client_resources` as given, by default 1 CPU per ClientApp: an actor per core, torch on one thread in each.
+  Flower's own default, 2 CPUs, gives one actor on both cores whose two torch threads contend with Flower's engine
+  process for them; at 1,000 clients its step then took 159 ms instead of 12.6 (2026-12-04, NOTES.md). Startup excluded: the second round,
   from building its messages to the last reply. Startup included: the whole call less the second round, i.e. a
   one-round simulation (Ray and actor start-up, each actor reading the dataset on its first message, the round).
 - `packed_in_process`: the same step for every device at once on one `DeviceSide` in this process, torch on one
@@ -275,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flower_sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", required=True, help="device (client) counts")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--client-cpus", type=float, default=2.0, help="Flower's client_resources num_cpus (2)")
+    parser.add_argument("--client-cpus", type=float, default=1.0, help="Flower's client_resources num_cpus (1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = parser.parse_args(argv)

@@ -194,8 +194,8 @@ def _flower(r: dict[str, Any]) -> list[str]:
     lines = [
         f"**Flower side by side** (flwr {r['flwr_version']} `run_simulation`, in its own environment with ray "
         f"{env['ray']}; every device runs one round's device step: load the round-0 broadcast, z_0 of its local "
-        "samples, `metapatch_device_step`; Flower: a ClientApp per device, Flower's default backend config with "
-        f"`client_resources.num_cpus = {cpus:g}`; startup excluded = Flower's second round, dccl-sim's median call "
+        "samples, `metapatch_device_step`; Flower: a ClientApp per device, Flower's default backend config but "
+        f"`client_resources.num_cpus = {cpus:g}` (Flower's default is 2); startup excluded = Flower's second round, dccl-sim's median call "
         "after the first; included = a one-round simulation's whole call, dccl-sim's data reading (and Ray start) "
         "plus the first call; max |Δθ̂| against the packed in-process θ̂):",
         "",
