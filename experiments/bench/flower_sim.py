@@ -15,9 +15,10 @@ returns its meta-patch θ̂ (k floats). Evaluation is not part of it. Three ways
   `flwr.simulation.run_simulation` call with Flower's default backend config (Ray started by Flower on every core)
   but `client_resources` as given, by default 1 CPU per ClientApp: an actor per core, torch on one thread in each.
   Flower's own default, 2 CPUs, gives one actor on both cores whose two torch threads contend with Flower's engine
-  process for them; at 1,000 clients its step then took 159 ms instead of 12.6 (2026-12-04, NOTES.md). Startup excluded: the second round,
-  from building its messages to the last reply. Startup included: the whole call less the second round, i.e. a
-  one-round simulation (Ray and actor start-up, each actor reading the dataset on its first message, the round).
+  process for them; at 1,000 clients its step then took 159 ms instead of 12.6 (2026-12-04, NOTES.md). Startup
+  excluded: the second round, from building its messages to the last reply. Startup included: the whole call less
+  the second round, i.e. a one-round simulation (Ray and actor start-up, each actor reading the dataset on its
+  first message, the round).
 - `packed_in_process`: the same step for every device at once on one `DeviceSide` in this process, torch on one
   thread. Startup excluded: the median call after the first; included: reading the devices' data plus the first
   call.

@@ -195,9 +195,9 @@ def _flower(r: dict[str, Any]) -> list[str]:
         f"**Flower side by side** (flwr {r['flwr_version']} `run_simulation`, in its own environment with ray "
         f"{env['ray']}; every device runs one round's device step: load the round-0 broadcast, z_0 of its local "
         "samples, `metapatch_device_step`; Flower: a ClientApp per device, Flower's default backend config but "
-        f"`client_resources.num_cpus = {cpus:g}` (Flower's default is 2); startup excluded = Flower's second round, dccl-sim's median call "
-        "after the first; included = a one-round simulation's whole call, dccl-sim's data reading (and Ray start) "
-        "plus the first call; max |Δθ̂| against the packed in-process θ̂):",
+        f"`client_resources.num_cpus = {cpus:g}` (Flower's default is 2); startup excluded = Flower's second "
+        "round, dccl-sim's median call after the first; included = a one-round simulation's whole call, "
+        "dccl-sim's data reading (and Ray start) plus the first call; max |Δθ̂| against the packed in-process θ̂):",
         "",
         "| devices | dccl-sim | Flower ms / client, startup excl. | incl. | dccl-sim ms / device, startup excl. | "
         "incl. | Flower ÷ dccl-sim, excl. | incl. | max abs θ̂ diff |",
