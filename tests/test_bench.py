@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bench import cli, flower, scaling
+from bench.common import _git_commit
 from bench.device_phase import actor_skip_reason
 from bench.table import render
 
@@ -56,6 +58,28 @@ def test_exponent_of_a_power_law_and_which_points_it_fits() -> None:
     assert fitted["exponents"]["t_devices_s"] == pytest.approx(1.0)
     assert scaling.fit(rows[:2], fit_from=10_000)["fit_devices"] == [1_000, 10_000]  # fewer than two: every point
     assert scaling.fit(rows[:1], fit_from=10_000)["exponents"] is None
+
+
+def test_a_commit_is_dirty_for_changed_code_but_not_for_the_benchmarks_own_results(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    bench_dir, results = tmp_path / "bench", tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    (bench_dir / "code.py").write_text("a = 1\n")
+    (results / "part.json").write_text("{}\n")
+    (tmp_path / "top.py").write_text("b = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    commit = git("rev-parse", "--short", "HEAD")
+    assert _git_commit(bench_dir) == commit
+    (results / "part.json").write_text('{"rewritten": true}\n')
+    (bench_dir / "untracked.txt").write_text("new\n")
+    assert _git_commit(bench_dir) == commit
+    (tmp_path / "top.py").write_text("b = 2\n")  # outside the bench folder counts too
+    assert _git_commit(bench_dir) == f"{commit}-dirty"
 
 
 def test_skipped_actor_counts_say_how_much_memory_they_would_take() -> None:

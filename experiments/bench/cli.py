@@ -90,8 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--flower-client-cpus",
         type=float,
-        default=1.0,
-        help="Flower side by side: client_resources num_cpus (default 1: an actor per core; Flower's own is 2)",
+        default=flower.CLIENT_CPUS,
+        help=f"Flower side by side: client_resources num_cpus (default {flower.CLIENT_CPUS:g}; Flower's own is 2)",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"

@@ -124,10 +124,9 @@ def versions() -> dict[str, str]:
     }
 
 
-def _git_commit() -> str:
-    """The checkout's commit, "-dirty" if tracked files differ from it, the benchmark's own results aside (the
-    parts of one `make bench` write them in turn, which would otherwise mark every part after the first)."""
-    here = Path(__file__).parent
+def _git_commit(here: Path = Path(__file__).parent) -> str:
+    """The commit checked out at `here`, "-dirty" if tracked files differ from it, `here/results` aside (the parts
+    of one `make bench` write them in turn, which would otherwise mark every part after the first)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()

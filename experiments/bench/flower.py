@@ -26,6 +26,9 @@ CONFLICT = (
     "flwr[simulation] 1.41.0 pins ray==2.55.1 (and protobuf<7, rich<15), while dccl-sim pins ray==2.60.0, so Flower "
     "runs in its own environment, .venv-flower"
 )
+# client_resources num_cpus: an actor per core, torch on 1 thread in each; Flower's own default, 2, gives one actor
+# whose two torch threads contend with Flower's engine process for the 2 cores (NOTES.md, 2026-12-04, afternoon)
+CLIENT_CPUS = 1.0
 LOG_TAIL = 2000  # characters of the subprocess's output kept in a failure's reason
 
 

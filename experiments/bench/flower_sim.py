@@ -55,6 +55,7 @@ from flwr.simulation import run_simulation
 
 from bench.common import bench_config, median_time, ratio, torch_threads, versions
 from bench.device_phase import Round0, max_abs_diff
+from bench.flower import CLIENT_CPUS
 from bench.flower_app import broadcast_record, client_app, device_step
 from dccl_sim.algorithms.protocol import concat_theta
 from dccl_sim.runtime.placement import plan_packs
@@ -278,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flower_sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, nargs="+", required=True, help="device (client) counts")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--client-cpus", type=float, default=1.0, help="Flower's client_resources num_cpus (1)")
+    parser.add_argument("--client-cpus", type=float, default=CLIENT_CPUS, help="Flower's client_resources num_cpus")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
