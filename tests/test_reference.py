@@ -1,0 +1,41 @@
+"""A refactor changes no number: every built-in strategy, run with the recorded settings and seed, reproduces the
+round metrics and per-device values recorded in `tests/reference/strategies.json` (1e-5)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "reference"))
+from record import REFERENCE, STRATEGIES, reference_run
+
+RECORDED = json.loads(REFERENCE.read_text())
+
+
+def _array(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_reproduces_its_reference_run(strategy: str, tmp_path: Path) -> None:
+    expected = RECORDED["runs"][strategy]
+    actual = reference_run(strategy, tmp_path)
+    assert set(actual["rounds"]) >= set(expected["rounds"]), "round columns went missing"
+    for kind in ("rounds", "devices"):
+        for name, values in expected[kind].items():
+            np.testing.assert_allclose(
+                _array(actual[kind][name]), _array(values), atol=1e-5, rtol=0, err_msg=f"{strategy} {kind}.{name}"
+            )
+
+
+def test_reference_runs_differ_between_strategies() -> None:
+    """The reference would catch a strategy silently running another's steps: their device results differ."""
+    device_auc = {s: _array(RECORDED["runs"][s]["devices"]["device_auc"]) for s in STRATEGIES}
+    for a in STRATEGIES:
+        for b in STRATEGIES:
+            if a < b:
+                assert not np.allclose(device_auc[a], device_auc[b], equal_nan=True), (a, b)
