@@ -125,7 +125,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dccl_sim.report import RunDirectoryError, write_report
+    from dccl_sim.report import write_report
+    from dccl_sim.results import RunDirectoryError
 
     try:
         path = write_report(args.run_dir)

@@ -15,13 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dccl_sim import plugins
+
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
-
-STRATEGIES = ("cloud_only", "metapatch", "dccl", "fedavg", "local_finetune", "coda")
-Strategy = Literal["cloud_only", "metapatch", "dccl", "fedavg", "local_finetune", "coda"]
 
 
 class ConfigError(ValueError):
@@ -29,6 +28,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A settings section: unknown keys are errors, values are immutable once validated. A plug-in's `Settings`
+    subclass this too."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
@@ -156,49 +158,6 @@ class CloudConfig(Section):
     patch_target: Literal["teacher", "residual"] = "teacher"
 
 
-class CodaConfig(Section):
-    """CoDA (DESIGN.md §4, `coda`): cloud-coordinated data augmentation for the device model.
-
-    Cloud, coarse matching: each user is represented by the mean cloud-model item embedding of the newest
-    `history_len` + 1 items the cloud holds for it; a participant's `neighbours` most cosine-similar users (never
-    itself) supply at most `candidates` samples, drawn uniformly from those users' training samples in the cloud's
-    pool (the pretraining window plus the windows the cloud has received: never the current window, never
-    validation or test samples), seeded by (seed, round, device id). Candidates travel as their top-MLP input x
-    under the broadcast W_t, in `feature_dtype`, with their labels.
-
-    Device, fine filtering: `filter = classifier` trains a per-device logistic regression, local samples = 1 vs
-    candidates = 0 (classes weighted equally), on the behaviour part of x (pooled history, target, their product;
-    the profile block is left out because it is constant over a device's own samples and would separate users,
-    not samples), standardized per device, with `classifier_steps` full-batch Adam steps at `classifier_lr` and L2
-    `classifier_l2`. It keeps the candidates it scores local-like: probability ≥ `threshold` (τ), or the top
-    `keep_frac` (ρ) of each device's candidates; exactly one of the two is set. `filter = none` keeps every
-    candidate (the ablation). The device
-    then trains its meta-patch (the MetaPatch step and gate of `device`) on local + kept samples, each kept sample
-    weighing `weight` against a local sample's 1 in the loss.
-    """
-
-    neighbours: PositiveInt = 20
-    candidates: PositiveInt = 64
-    feature_dtype: Literal["float16", "float32"] = "float16"
-    filter: Literal["classifier", "none"] = "classifier"
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    keep_frac: Fraction | None = 0.5
-    weight: PositiveFloat = 1.0
-    classifier_steps: PositiveInt = 50
-    classifier_lr: PositiveFloat = 5e-2
-    classifier_l2: NonNegativeFloat = 1e-2
-
-    @model_validator(mode="after")
-    def _one_selection_rule(self) -> CodaConfig:
-        if self.filter == "classifier" and (self.threshold is None) == (self.keep_frac is None):
-            raise ValueError(
-                "the classifier keeps candidates by a threshold τ or a top fraction ρ: set exactly one of "
-                f"coda.threshold and coda.keep_frac (got {self.threshold} and {self.keep_frac}; keep_frac defaults "
-                "to 0.5, so with a threshold also set coda.keep_frac=null)"
-            )
-        return self
-
-
 class RuntimeConfig(Section):
     """Where the round loop runs (DESIGN.md §5)."""
 
@@ -261,19 +220,67 @@ class OutputConfig(Section):
 class SimConfig(Section):
     """One simulation: every setting, with defaults that run out of the box."""
 
+    # plug-ins (strategy, model, data source) may bring their own section, named by their `settings_key`; those
+    # extra top-level keys are checked in `_plugin_sections`
+    model_config = ConfigDict(extra="allow", frozen=True, validate_default=True)
+
     seed: int = 0
-    strategy: Strategy = "dccl"
+    strategy: str = "dccl"
     rounds: PositiveInt = 3
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     patch: PatchConfig = PatchConfig()
     device: DeviceConfig = DeviceConfig()
     cloud: CloudConfig = CloudConfig()
-    coda: CodaConfig = CodaConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     latency: LatencyConfig = LatencyConfig()
     metrics: MetricsConfig = MetricsConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        plugins.resolve(plugins.STRATEGY, value)
+        return value
+
+    def _selected_plugins(self) -> list[Any]:
+        """The plug-ins this config runs with, whose settings sections it carries."""
+        return [plugins.resolve(plugins.STRATEGY, self.strategy)]
+
+    @model_validator(mode="after")
+    def _plugin_sections(self) -> SimConfig:
+        """Each selected plug-in's settings section, validated by its `Settings` (defaults where absent). A section
+        of a built-in that is not selected (e.g. `coda` in a dccl run) is validated and dropped, so configs that
+        set it for a whole comparison keep working; any other extra key is unknown."""
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        selected = {plugins.settings_key(p): p for p in self._selected_plugins() if plugins.settings_key(p)}
+        other = {plugins.settings_key(p): p for p in plugins.builtin_with_settings()} | selected
+        problems = []
+        for key in list(extra):
+            if key not in other:
+                problems.append(f"{key}: unknown key")
+                continue
+            try:
+                value = plugins.settings_model(other[key]).model_validate(extra[key])
+            except ValidationError as error:
+                problems += _lines(error, prefix=f"{key}.")
+                continue
+            if key in selected:
+                extra[key] = value
+            else:
+                del extra[key]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        for key, plugin in selected.items():
+            if key in type(self).model_fields:
+                raise ValueError(f"{plugin.name}: its settings_key {key!r} is a built-in section; choose another")
+            extra.setdefault(key, plugins.settings_model(plugin)())
+        return self
+
+    def section(self, plugin: Any) -> Any:
+        """The validated settings of a selected plug-in (None if it has none)."""
+        key = plugins.settings_key(plugin)
+        return None if key is None else (self.__pydantic_extra__ or {})[key]
 
     @model_validator(mode="after")
     def _a_window_per_round(self) -> SimConfig:
@@ -288,17 +295,22 @@ class SimConfig(Section):
         return self.model_dump_json(indent=2)
 
 
-def _describe(error: ValidationError) -> str:
+def _lines(error: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = prefix + ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in item and not isinstance(item["input"], dict):
             message += f" (got {item['input']!r})"
-        lines.append(f"{key}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        # a model-level check (e.g. plug-in sections) already names its keys
+        lines.append(f"{key}: {message}" if key.rstrip(".") else message)
+    return lines
+
+
+def _describe(error: ValidationError) -> str:
+    return "invalid configuration:\n  " + "\n  ".join(_lines(error))
 
 
 def build_config(values: dict[str, Any]) -> SimConfig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dccl_sim.seeding import seeded_generator
+from dccl_sim.seeding import run_keys, seeded_generator
 
 __all__ = [
     "Evaluation",
@@ -270,7 +270,7 @@ def evaluated_devices(seed: int, num_devices: int, cap: int | None) -> np.ndarra
     on (seed, number of devices), so every round and every actor agree on it."""
     if cap is None or cap >= num_devices:
         return np.arange(num_devices, dtype=np.int64)
-    rng = seeded_generator(seed, 0xE7A1)
+    rng = seeded_generator(*run_keys(seed, "eval_devices"))
     return np.sort(rng.choice(num_devices, size=cap, replace=False)).astype(np.int64)
 
 
@@ -367,6 +367,38 @@ def evaluate(
         device_auc=per_device.auc,
         k=int(k),
     )
+
+
+def per_device_ranking(
+    devices: np.ndarray, queries: np.ndarray, labels: np.ndarray, scores: np.ndarray, device_ids: np.ndarray, k: int
+) -> dict[str, np.ndarray]:
+    """Per device of `device_ids` (sorted): AUC of its samples, HR@k and NDCG@k as means over its queries, and its
+    number of queries; NaN (0 queries) for a device without samples. Samples are grouped into queries (one positive
+    and its sampled negatives) by `queries`, ranked as `positive_ranks` does."""
+    n_devices = len(device_ids)
+    columns = {
+        "auc": np.full(n_devices, np.nan),
+        "hr": np.full(n_devices, np.nan),
+        "ndcg": np.full(n_devices, np.nan),
+        "n_queries": np.zeros(n_devices, dtype=np.int64),
+    }
+    if len(labels) == 0:
+        return columns
+    group = group_auc(devices, labels, scores)
+    columns["auc"][np.searchsorted(device_ids, group.groups)] = group.auc
+    ranks = positive_ranks(queries, labels, scores)
+    unique_q, q_code = _dense_codes(np.asarray(queries))
+    query_device = np.empty(len(unique_q), dtype=np.int64)
+    query_device[q_code] = devices
+    rows = np.searchsorted(device_ids, query_device)
+    count = np.bincount(rows, minlength=n_devices)
+    hits = np.bincount(rows, weights=(ranks < k).astype(np.float64), minlength=n_devices)
+    gains = np.bincount(rows, weights=np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0), minlength=n_devices)
+    has = count > 0
+    columns["hr"][has] = hits[has] / count[has]
+    columns["ndcg"][has] = gains[has] / count[has]
+    columns["n_queries"] = count
+    return columns
 
 
 def summarize_devices(

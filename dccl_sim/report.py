@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dccl_sim import metrics
+from dccl_sim.results import check_run_dir
 
 PLOTS = {
     "metrics": "metrics.png",
@@ -44,14 +45,10 @@ PHASES = (
 MAX_GAIN_ROUNDS = 5
 
 
-class RunDirectoryError(ValueError):
-    """A folder that is not a run directory, or one without a finished round."""
-
-
 def write_report(run_dir: Path) -> Path:
     """Write `run_dir/report.md` and its PNG plots; return the markdown file's path."""
     run_dir = Path(run_dir)
-    config, rounds, devices = load_run(run_dir)
+    config, rounds, devices = read_run(run_dir)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,19 +65,12 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
-def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The saved config (as a dict), the rounds table and the devices table (None if absent), as numpy columns
     sorted by round."""
-    if not run_dir.is_dir():
-        raise RunDirectoryError(f"{run_dir}: no such folder")
-    if not (run_dir / "config.json").is_file():
-        raise RunDirectoryError(f"{run_dir}: not a run directory (no config.json; make one with `dccl-sim run`)")
-    if not (run_dir / "rounds.parquet").is_file():
-        raise RunDirectoryError(f"{run_dir}: no finished round yet (no rounds.parquet)")
+    check_run_dir(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     rounds = _columns(run_dir / "rounds.parquet")
-    if len(rounds.get("round", ())) == 0:
-        raise RunDirectoryError(f"{run_dir}: rounds.parquet holds no rounds")
     order = np.argsort(rounds["round"], kind="stable")
     rounds = {name: values[order] for name, values in rounds.items()}
     devices_file = run_dir / "devices.parquet"

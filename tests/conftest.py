@@ -65,3 +65,11 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def round_context(seed: int, round_index: int, participants: np.ndarray | None = None):
+    """The round context of a run with this seed, for calling steps directly."""
+    from dccl_sim.config import SimConfig
+    from dccl_sim.context import RoundContext
+
+    return RoundContext(SimConfig(seed=seed), round_index, np.zeros(0) if participants is None else participants)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import round_context
 
 from dccl_sim.algorithms import cloud_steps
 from dccl_sim.algorithms.cloud_steps import (
@@ -17,7 +18,6 @@ from dccl_sim.algorithms.cloud_steps import (
     momodistill_step,
     teacher_weights,
 )
-from dccl_sim.algorithms.device_side import group_by_device, newest_slice_starts
 from dccl_sim.algorithms.metapatch_step import (
     GROUPED_MIN_ROWS,
     LocalSamples,
@@ -28,6 +28,7 @@ from dccl_sim.algorithms.metapatch_step import (
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, PatchConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
+from dccl_sim.hosts.device import group_by_device, newest_slice_starts
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 from dccl_sim.runtime.session import run
@@ -165,7 +166,9 @@ def test_device_step_changes_only_the_meta_patches() -> None:
     before = copy.deepcopy((model.state_dict(), patch.state_dict()))
     samples = _samples([40, 120, 7], model)
     config = DeviceConfig(gate=False, local_epochs=2)
-    result = metapatch_device_step(model, patch, samples, torch.zeros(3, K_PATCH), config, seed=0, round_index=0)
+    result = metapatch_device_step(
+        model, patch, samples, torch.zeros(3, K_PATCH), config, round_context(seed=0, round_index=0)
+    )
     for module, state in zip((model, patch), before, strict=True):
         for name, value in module.state_dict().items():
             assert torch.equal(value, state[name]), name
@@ -182,9 +185,11 @@ def test_packed_step_equals_single_device_steps(gate: bool) -> None:
     samples = _samples(sizes, model)
     config = DeviceConfig(gate=gate, local_epochs=2, batch_size=32)
     start = 0.05 * torch.randn(len(sizes), K_PATCH, generator=torch.Generator().manual_seed(3))
-    packed = metapatch_device_step(model, patch, samples, start, config, seed=7, round_index=2)
+    packed = metapatch_device_step(model, patch, samples, start, config, round_context(seed=7, round_index=2))
     for m in range(len(sizes)):
-        single = metapatch_device_step(model, patch, samples.alone(m), start[m : m + 1], config, seed=7, round_index=2)
+        single = metapatch_device_step(
+            model, patch, samples.alone(m), start[m : m + 1], config, round_context(seed=7, round_index=2)
+        )
         torch.testing.assert_close(packed.theta[m : m + 1], single.theta, atol=1e-5, rtol=0)
         assert packed.gate_passed[m] == single.gate_passed[0]
         assert packed.steps[m] == single.steps[0]

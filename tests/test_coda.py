@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import round_context
 
 from dccl_sim.algorithms.cloud_steps import features_of
 from dccl_sim.algorithms.coda import (
@@ -22,13 +23,14 @@ from dccl_sim.algorithms.coda import (
     user_representations,
 )
 from dccl_sim.algorithms.metapatch_step import LocalSamples, loss_per_device
-from dccl_sim.config import CodaConfig, ConfigError, DeviceConfig, ModelConfig, load_config
+from dccl_sim.config import ConfigError, DeviceConfig, ModelConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch
-from dccl_sim.runtime import latency
 from dccl_sim.runtime.ray_runtime import RayRuntime
 from dccl_sim.runtime.session import resume_state, run
+from dccl_sim.strategies.coda import CoDA
+from dccl_sim.strategies.coda import CodaSettings as CodaConfig
 
 K_PATCH = 8
 
@@ -81,7 +83,18 @@ def _retrieve(built, device_ids: np.ndarray, round_index: int = 1, count: int = 
     data, pool = built.data, _pool(built.data, round_index)
     reps = user_representations(_cloud_model(built), data, pool, history_len=20)
     nearest = nearest_users(reps, data.rows_of(device_ids), neighbours)
-    return reps, nearest, draw_candidates(data, pool, nearest, device_ids, count, (0, round_index, 0xC0DA))
+    return (
+        reps,
+        nearest,
+        draw_candidates(
+            data,
+            pool,
+            nearest,
+            device_ids,
+            count,
+            round_context(seed=0, round_index=round_index).keys("coda_candidates"),
+        ),
+    )
 
 
 def test_retrieval_takes_only_other_users_pooled_training_samples(synthetic_small) -> None:
@@ -139,7 +152,7 @@ def test_candidates_travel_as_their_features_in_the_wire_dtype(synthetic_small) 
     assert label.tolist() == data.label[mine].tolist()
     config = load_config(None, ["strategy=coda"])
     wire = table.features.shape[1] * table.features.itemsize + table.label.itemsize
-    assert latency.candidate_bytes(config, len(synthetic_small.meta.profile_cardinalities)) == wire
+    assert CoDA(config).candidate_bytes(model.input_dim) == wire
 
 
 def test_a_user_without_pooled_samples_is_nobody_s_neighbour() -> None:
@@ -239,7 +252,7 @@ def test_packed_coda_step_equals_single_device_steps(gate: bool, coda: CodaConfi
     local, local_x, candidates = _device_data(model, sizes, counts)
     device = DeviceConfig(gate=gate, local_epochs=2, batch_size=16)
     start = torch.zeros(len(sizes), K_PATCH)
-    args = (device, coda, 3 * 8, 5, 1)
+    args = (device, coda, 3 * 8, round_context(seed=5, round_index=1))
     packed = coda_device_step(model, patch, local, local_x, candidates, start, *args)
     c_start = np.cumsum(counts) - counts
     for m in range(len(sizes)):
@@ -314,7 +327,7 @@ def _devices(out: Path) -> dict[str, list]:
 def test_a_coda_run_reports_its_overheads(tmp_path: Path) -> None:
     state = run(_config(tmp_path / "coda", "runtime.backend=local"))
     devices = _devices(tmp_path / "coda")
-    per_candidate = latency.candidate_bytes(_config(tmp_path), num_profile_fields=3)
+    per_candidate = CoDA(_config(tmp_path)).candidate_bytes(3 * 32 + 3 * 8)
     assert per_candidate == (3 * 32 + 3 * 8) * 2 + 1  # x in float16 and a label byte
     n_candidates, n_kept = np.array(devices["n_candidates"]), np.array(devices["n_kept"])
     assert (n_candidates == 16).all() and ((n_kept > 0) & (n_kept <= 16)).all()

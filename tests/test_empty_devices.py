@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import round_context
 
 from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step
 from dccl_sim.config import DeviceConfig
@@ -26,7 +27,9 @@ def test_a_device_with_no_local_samples_keeps_the_cloud_model() -> None:
         holdout_start=np.array([24, 30, 30]),
         device_ids=np.array([0, 1, 2]),
     )
-    result = metapatch_device_step(model, patch, samples, torch.zeros(3, 4), DeviceConfig(), seed=0, round_index=0)
+    result = metapatch_device_step(
+        model, patch, samples, torch.zeros(3, 4), DeviceConfig(), round_context(seed=0, round_index=0)
+    )
     assert torch.equal(result.theta[1:], torch.zeros(2, 4))
     assert not result.gate_passed[1:].any()
     assert torch.isfinite(result.theta).all()

@@ -15,7 +15,7 @@ from dccl_sim.models.din import CloudModel
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
 from dccl_sim.models.training import SCORING_CHUNK, ExtraLoss, fit
-from dccl_sim.seeding import seeded_generator
+from dccl_sim.seeding import run_keys, seeded_generator
 
 
 def binary_kl_with_temperature(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float):
@@ -162,7 +162,7 @@ def bootstrap_patch(
     lazy = config.bootstrap_table == "lazy"
     optimizer = torch.optim.Adam([*patch.parameters(), *([] if lazy else [table])], lr=config.bootstrap_lr)
     table_optimizer = PackedAdam([table], lr=config.bootstrap_lr) if lazy else None
-    rng = seeded_generator(seed, 0xB007)
+    rng = seeded_generator(*run_keys(seed, "bootstrap_minibatches"))
     frozen = _frozen(model)
     losses = []
     try:
@@ -292,7 +292,7 @@ def patch_space_update(
     z0_of = FirstHiddenSource(model, data, indices, history_len)
     profile = torch.from_numpy(data.profile[data.rows_of(data.sample_device[indices])])
     optimizer = torch.optim.Adam([*patch.parameters(), *encoder.parameters()], lr=patch_config.lr)
-    rng = seeded_generator(*seed_keys, 0xE7)
+    rng = seeded_generator(*seed_keys)
     frozen = _frozen(model)
     losses = []
     try:

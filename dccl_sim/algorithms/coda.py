@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,12 +24,53 @@ from torch.nn import functional
 from dccl_sim.algorithms.cloud_steps import features_of
 from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step
 from dccl_sim.algorithms.packed_adam import PackedAdam
-from dccl_sim.algorithms.protocol import Augmentation
-from dccl_sim.config import CodaConfig, DeviceConfig
+from dccl_sim.config import DeviceConfig
+from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import DeviceData
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch
 from dccl_sim.seeding import seeded_generator
+
+
+class CodaSettings(Protocol):
+    """The settings of the `coda` strategy the math reads (the strategy's `Settings` section)."""
+
+    filter: str
+    threshold: float | None
+    keep_frac: float | None
+    weight: float
+    classifier_steps: int
+    classifier_lr: float
+    classifier_l2: float
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """CoDA's retrieved candidates for every participant, in one broadcast.
+
+    Participant i's candidates are `rows[offsets[i]:offsets[i + 1]]` of a table of distinct samples: their top-MLP
+    input x under the broadcast W_t (`features`, in the configured wire dtype) and labels. Devices whose neighbours
+    overlap share table rows, so the object store holds each sample once; a real device downloads its own rows.
+    """
+
+    offsets: np.ndarray  # [P + 1] int64
+    rows: np.ndarray  # [C] int64 into the table
+    features: np.ndarray  # [U, input_dim] float16 or float32
+    label: np.ndarray  # [U] int8
+
+    def of(self, participants: np.ndarray, device_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(x [C, input_dim] float32, label [C] float32, per-device counts [K]) of the given participants' candidates,
+        grouped by device in the order of `device_ids`."""
+        at = np.searchsorted(participants, device_ids)
+        lo, hi = self.offsets[at], self.offsets[at + 1]
+        rows = np.concatenate([self.rows[a:b] for a, b in zip(lo, hi, strict=True)]) if len(at) else self.rows[:0]
+        x = torch.from_numpy(self.features[rows].astype(np.float32))
+        return x, torch.from_numpy(self.label[rows].astype(np.float32)), (hi - lo).astype(np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.offsets, self.rows, self.features, self.label))
+
 
 # similarity blocks hold at most this many entries ([block, num_devices] float32: 64 MiB)
 BLOCK_ENTRIES = 1 << 24
@@ -161,7 +203,7 @@ def classifier_scores(
     local_counts: np.ndarray,
     candidate_phi: torch.Tensor,
     candidate_counts: np.ndarray,
-    config: CodaConfig,
+    config: CodaSettings,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """(P(local | candidate) [C], trained [K] bool): per device a logistic regression, local = 1 vs candidate = 0,
     each class weighing one half whatever its size (so 0.5 means "cannot tell"), on features standardized over the
@@ -192,7 +234,7 @@ def classifier_scores(
     return torch.where(torch.from_numpy(trained[candidate_device]), scores, math.nan), trained
 
 
-def select_candidates(scores: torch.Tensor, counts: np.ndarray, config: CodaConfig) -> np.ndarray:
+def select_candidates(scores: torch.Tensor, counts: np.ndarray, config: CodaSettings) -> np.ndarray:
     """[C] bool: the candidates each device keeps. `filter = none`: all; a threshold τ: score ≥ τ; a top fraction ρ:
     the ⌈ρ · n⌉ best-scored of each device's n. A candidate without a score (NaN: its device's classifier did not
     train) is never kept by the classifier."""
@@ -239,10 +281,9 @@ def coda_device_step(
     candidates: Candidates,
     theta_start: torch.Tensor,
     device_config: DeviceConfig,
-    config: CodaConfig,
+    config: CodaSettings,
     classifier_dims: int,
-    seed: int,
-    round_index: int,
+    ctx: RoundContext,
 ) -> CodaStepResult:
     """Filter each device's candidates (the classifier reads the first `classifier_dims` features of x), then run the
     MetaPatch step (eq. 3, gated as configured) on local + kept samples."""
@@ -260,7 +301,7 @@ def coda_device_step(
     with torch.no_grad():
         kept_z0 = model.first_hidden(candidates.x[torch.from_numpy(np.flatnonzero(keep))])
     samples = augmented_samples(local, kept_z0, candidates, keep, config.weight)
-    step = metapatch_device_step(model, patch, samples, theta_start, device_config, seed, round_index)
+    step = metapatch_device_step(model, patch, samples, theta_start, device_config, ctx)
     trial = samples.holdout_start - samples.starts if device_config.gate else np.zeros(len(local_counts))
     refit = np.where(step.gate_passed, samples.ends - samples.starts, 0)
     trained = ((trial + refit) * device_config.local_epochs).astype(np.int64)

@@ -17,6 +17,7 @@ from torch.nn import functional
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.algorithms.schedule import minibatch_schedule
 from dccl_sim.config import DeviceConfig
+from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import index_ranges
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
@@ -173,12 +174,12 @@ def metapatch_device_step(
     samples: LocalSamples,
     theta_start: torch.Tensor,
     config: DeviceConfig,
-    seed: int,
-    round_index: int,
+    ctx: RoundContext,
 ) -> PatchStepResult:
     """Eq. 3 with the gate: train on older data, keep the patch only where it helps on the newest slice
-    (then refit it on all local data), otherwise fall back to θ̂ = 0."""
-    keys = [(seed, round_index, int(device), 0) for device in samples.device_ids]
+    (then refit it on all local data), otherwise fall back to θ̂ = 0. Each device's minibatches come from its own
+    streams `patch_trial` and `patch_refit` of the round."""
+    keys = ctx.device_keys("patch_trial", samples.device_ids)
     if not config.gate:
         theta, steps = train_patches(model, patch, samples, samples.starts, samples.ends, theta_start, config, keys)
         return PatchStepResult(theta, np.ones(samples.num_devices, dtype=bool), steps)
@@ -186,7 +187,7 @@ def metapatch_device_step(
         model, patch, samples, samples.starts, samples.holdout_start, theta_start, config, keys
     )
     passed = holdout_gate(model, patch, samples, trial)
-    refit_keys = [(seed, round_index, int(device), 1) for device in samples.device_ids]
+    refit_keys = ctx.device_keys("patch_refit", samples.device_ids)
     refit_ends = np.where(passed, samples.ends, samples.starts)
     refit, refit_steps = train_patches(
         model, patch, samples, samples.starts, refit_ends, theta_start, config, refit_keys

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from dccl_sim import metrics
 from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
+from dccl_sim.hosts.cloud import DeviceInfo, ModelCost
 
 
 @dataclass
@@ -22,6 +24,19 @@ class DevicePhase:
     gather_s: float = 0.0  # time spent receiving results after the first one arrived
 
 
+class Cloud(Protocol):
+    """What the round loop asks of the cloud (the `CloudHost`'s methods, called where the cloud lives)."""
+
+    def pretrain(self, cache_dir: str | None) -> dict[str, float]: ...
+    def load_state(self, state: dict[str, object]) -> None: ...
+    def device_info(self) -> DeviceInfo: ...
+    def model_cost(self) -> ModelCost: ...
+    def device_counts(self, round_index: int) -> dict[str, np.ndarray]: ...
+    def update(self, round_index: int, participants: np.ndarray, results: list[PackResult]) -> dict[str, float]: ...
+    def evaluate(self) -> metrics.Evaluation: ...
+    def state(self) -> dict[str, object]: ...
+
+
 class Runtime(ABC):
     """Where the cloud and the device packs live. It moves data and never does math."""
 
@@ -29,9 +44,10 @@ class Runtime(ABC):
     def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:
         """Create the cloud and one device pack per entry of `packs` (sorted device ids)."""
 
+    @property
     @abstractmethod
-    def cloud(self, method: str, *args: Any) -> Any:
-        """Call a CloudRole method and wait for its value."""
+    def cloud(self) -> Cloud:
+        """The cloud, whose methods return their values (waiting for them where the cloud is remote)."""
 
     @abstractmethod
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:

@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dccl_sim import metrics
-from dccl_sim.algorithms.protocol import concat_results
+from dccl_sim.algorithms.protocol import DEVICE_COLUMNS, concat_columns
 from dccl_sim.config import SimConfig
-from dccl_sim.data.prepare import prepare_dataset
-from dccl_sim.data.store import read_meta
+from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime import latency
 from dccl_sim.runtime.base import Runtime
 from dccl_sim.runtime.memory import MemoryMonitor
 from dccl_sim.runtime.observers import Observer
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.records import RoundRecord
-from dccl_sim.seeding import seeded_generator
+from dccl_sim.seeding import seeded_generator, stream_tag
+from dccl_sim.strategies.base import Strategy
 
 
 @dataclass
@@ -46,7 +46,7 @@ def sample_participants(seed: int, round_index: int, num_devices: int, fraction:
     if fraction >= 1.0:
         return np.arange(num_devices, dtype=np.int64)
     count = max(1, round(fraction * num_devices))
-    rng = seeded_generator(seed, round_index, 0x5A3)
+    rng = seeded_generator(seed, round_index, stream_tag("participants"))
     return np.sort(rng.choice(num_devices, size=count, replace=False)).astype(np.int64)
 
 
@@ -55,10 +55,6 @@ def _spread(values: np.ndarray) -> dict[str, float]:
         return dict.fromkeys(("min", "p50", "p95", "max"), math.nan)
     p50, p95 = np.percentile(values, [50, 95])
     return {"min": float(values.min()), "p50": float(p50), "p95": float(p95), "max": float(values.max())}
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(values.mean()) if len(values) else math.nan
 
 
 class _Clock:
@@ -74,14 +70,26 @@ def _notify(observers: Sequence[Observer], round_index: int, phase: str) -> None
         observer.on_phase(round_index, phase)
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """The prepared dataset a run reads: its directory and how many devices it holds."""
+
+    root: str
+    num_devices: int
+
+
 def run_rounds(
-    config: SimConfig, runtime: Runtime, observers: Sequence[Observer] = (), state: RunState | None = None
+    config: SimConfig,
+    runtime: Runtime,
+    dataset: Dataset,
+    observers: Sequence[Observer] = (),
+    state: RunState | None = None,
 ) -> RunState:
     """Run rounds `state.next_round .. config.rounds - 1` and return the state with every finished round."""
     state = state or RunState()
     try:
         with MemoryMonitor() as memory:
-            _run(config, runtime, observers, state, memory)
+            _run(config, runtime, dataset, observers, state, memory)
     finally:
         for observer in observers:
             observer.on_end(state)
@@ -89,25 +97,26 @@ def run_rounds(
 
 
 def _run(
-    config: SimConfig, runtime: Runtime, observers: Sequence[Observer], state: RunState, memory: MemoryMonitor
+    config: SimConfig,
+    runtime: Runtime,
+    dataset: Dataset,
+    observers: Sequence[Observer],
+    state: RunState,
+    memory: MemoryMonitor,
 ) -> None:
-    _notify(observers, state.next_round, "preparing data")
-    root = prepare_dataset(config.data, config.seed)
-    num_devices = read_meta(root).num_devices
+    strategy: Strategy = resolve(STRATEGY, config.strategy)(config)
+    num_devices = dataset.num_devices
     packs = plan_packs(num_devices, config.runtime, runtime.num_cpus)
     _notify(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
-    runtime.start(config, root, packs)
+    runtime.start(config, dataset.root, packs)
+    cloud = runtime.cloud
     if state.cloud_state is None:
         _notify(observers, state.next_round, "pretraining the cloud model")
-        runtime.cloud("pretrain", str(config.data.cache_dir.expanduser() / "pretrained"))
+        cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"))
     else:
-        runtime.cloud("load_state", state.cloud_state)
-    bucket_of_device = runtime.cloud("device_info")["bucket"]
-    model_floats, patch_floats = runtime.cloud("model_size")
-    download, upload = latency.transfer_bytes(config.strategy, model_floats, patch_floats, config.patch.k)
-    num_profile_fields = len(read_meta(root).profile_fields)
-    flops = latency.flops_per_sample(config, num_profile_fields)
-    per_candidate = latency.candidate_bytes(config, num_profile_fields)
+        cloud.load_state(state.cloud_state)
+    bucket_of_device = cloud.device_info().bucket
+    cost = cloud.model_cost()
     pack_of_device = np.concatenate([np.full(len(p), i) for i, p in enumerate(packs)])
     for observer in observers:
         observer.on_start(config, num_devices, len(packs), state.next_round)
@@ -120,13 +129,11 @@ def _run(
         profiles = latency.draw_profiles(config.latency, config.seed, np.arange(num_devices), t)
         sampled = sample_participants(config.seed, t, num_devices, config.runtime.participation)
         sampled = sampled[profiles.available[sampled]]
-        counts = runtime.cloud("device_counts", t)
-        n_local, n_eval = counts["n_local"][sampled], counts["n_eval"][sampled]
-        candidates, passes = latency.planned_augmentation(config, n_local)
-        trained = latency.planned_samples_trained(config, n_local)
-        planned = latency.device_flops(flops, trained, n_local, n_eval, candidates, passes)
-        planned_download = download + candidates * per_candidate
-        planned_times = latency.device_times(_subset(profiles, sampled), planned, planned_download, upload)
+        counts = cloud.device_counts(t)
+        planned = strategy.device_cost(cost, counts["n_local"][sampled], counts["n_eval"][sampled])
+        planned_times = latency.device_times(
+            profiles.subset(sampled), planned.flops, planned.download_bytes, planned.upload_bytes
+        )
         deadline = config.latency.deadline_s
         late = planned_times > deadline if deadline is not None else np.zeros(len(sampled), dtype=bool)
         participants = sampled[~late]
@@ -144,36 +151,32 @@ def _run(
 
         _notify(observers, t, "cloud update")
         tic = time.perf_counter()
-        cloud_stats = runtime.cloud("update", t, phase.results)
+        cloud_stats = cloud.update(t, participants, phase.results)
         clock.measure("t_distill_s", tic)
 
         _notify(observers, t, "evaluation")
         tic = time.perf_counter()
-        evaluation: metrics.Evaluation = runtime.cloud("evaluate")
+        evaluation: metrics.Evaluation = cloud.evaluate()
         clock.measure("t_eval_s", tic)
 
-        columns = concat_results(phase.results)
+        names = tuple(phase.results[0].columns) if phase.results else (*DEVICE_COLUMNS, *strategy.device_columns)
+        columns = concat_columns(phase.results, names)
         ids = columns["device_id"].astype(np.int64)
-        columns["candidate_bytes"] = columns["n_candidates"].astype(np.int64) * per_candidate
-        columns["flops"] = latency.device_flops(
-            flops,
-            columns["samples_trained"],
-            counts["n_local"][ids],
-            counts["n_eval"][ids],
-            columns["n_candidates"],
-            columns["classifier_passes"],
-        )
-        downloads = download + columns["candidate_bytes"]
-        times = latency.device_times(_subset(profiles, ids), columns["flops"], downloads, upload)
-        cloud_flops = 3.0 * (flops["features"] + flops["head"]) * float(counts["n_local"][ids].sum())
+        actual = strategy.device_cost(cost, counts["n_local"][ids], counts["n_eval"][ids], columns)
+        columns["flops"] = actual.flops
+        times = latency.device_times(profiles.subset(ids), actual.flops, actual.download_bytes, actual.upload_bytes)
+        cloud_flops = 3.0 * (cost.features + cost.head) * float(counts["n_local"][ids].sum())
         sim_round = (float(times.max()) if len(times) else 0.0) + cloud_flops / config.latency.cloud_flops
 
-        frame = _device_frame(t, sampled, planned, planned_times, columns, times, bucket_of_device, evaluation)
+        frame = _device_frame(
+            t, sampled, planned.flops, planned_times, columns, times, bucket_of_device, evaluation, strategy
+        )
+        shared_download = actual.model_download_bytes
+        broadcast_bytes = shared_download * len(participants) + int((actual.download_bytes - shared_download).sum())
         record = _round_record(
             config,
             t,
             num_devices,
-            sampled,
             columns,
             frame,
             bucket_of_device,
@@ -183,24 +186,19 @@ def _run(
             sim_round,
             phase.failed_packs,
             phase.late_packs,
-            download,
-            upload,
-            download * len(participants) + int(columns["candidate_bytes"].sum()),
+            shared_download,
+            actual.upload_bytes,
+            broadcast_bytes,
+            strategy.round_columns(columns),
         )
         record.t_gather_s = phase.gather_s
         state.records.append(record)
         state.device_frames.append(frame)
         record.t_round_s = time.perf_counter() - round_start
         record.peak_memory_mb = memory.take_peak()
-        cloud_state = runtime.cloud("state")
+        cloud_state = cloud.state()
         for observer in observers:
             observer.on_round(record, state, cloud_state)
-
-
-def _subset(profiles: latency.DeviceProfiles, ids: np.ndarray) -> latency.DeviceProfiles:
-    return latency.DeviceProfiles(
-        profiles.flops[ids], profiles.down_bps[ids], profiles.up_bps[ids], profiles.available[ids]
-    )
 
 
 def _device_frame(
@@ -212,9 +210,10 @@ def _device_frame(
     times: np.ndarray,
     bucket_of_device: np.ndarray,
     evaluation: metrics.Evaluation,
+    strategy: Strategy,
 ) -> dict[str, np.ndarray]:
     """One row per sampled device: results where they came back; where they did not, NaN (0 for counts), the planned
-    FLOPs and time, and straggler=True."""
+    FLOPs and time, straggler=True, and the strategy's default for its own columns."""
     n = len(sampled)
     rows = np.searchsorted(sampled, columns["device_id"])
     frame = {
@@ -230,14 +229,12 @@ def _device_frame(
         "compute_s": np.full(n, np.nan),
         "sim_time_s": planned_times.copy(),
         "straggler": np.ones(n, dtype=bool),
-        "n_candidates": np.zeros(n, dtype=np.int64),
-        "n_kept": np.zeros(n, dtype=np.int64),
-        "candidate_bytes": np.zeros(n, dtype=np.int64),
-        "classifier_s": np.full(n, np.nan),
         "flops": planned_flops.astype(np.float64),
     }
+    for name, missing in strategy.device_columns.items():
+        frame[name] = np.full(n, missing)
     copied = ("n_train", "n_test", "start_auc", "device_auc", "gate_passed", "compute_s", "flops")
-    for name in (*copied, "n_candidates", "n_kept", "candidate_bytes", "classifier_s"):
+    for name in (*copied, *strategy.device_columns):
         frame[name][rows] = columns[name]
     frame["sim_time_s"][rows] = times
     frame["straggler"][rows] = False
@@ -248,7 +245,6 @@ def _round_record(
     config: SimConfig,
     t: int,
     num_devices: int,
-    sampled: np.ndarray,
     columns: dict[str, np.ndarray],
     frame: dict[str, np.ndarray],
     bucket_of_device: np.ndarray,
@@ -261,6 +257,7 @@ def _round_record(
     download: int,
     upload: int,
     broadcast_bytes: int,
+    strategy_columns: dict[str, float],
 ) -> RoundRecord:
     tail = bucket_of_device[columns["device_id"].astype(np.int64)] == 0
 
@@ -321,9 +318,7 @@ def _round_record(
         broadcast_bytes=broadcast_bytes,
         upload_bytes_per_device=upload,
         download_bytes_per_device=download,
-        candidates_per_device=_mean(columns["n_candidates"]),
-        kept_per_device=_mean(columns["n_kept"]),
-        candidate_bytes_per_device=_mean(columns["candidate_bytes"]),
         late_packs=len(late_packs),
+        **strategy_columns,
         **{key if key.startswith("cloud_") else f"cloud_{key}": float(value) for key, value in cloud_stats.items()},
     )

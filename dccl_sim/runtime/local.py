@@ -1,4 +1,4 @@
-"""The in-process runtime: the same roles, called directly. For tests, debugging and machines without Ray."""
+"""The in-process runtime: the same hosts, called directly. For tests, debugging and machines without Ray."""
 
 from __future__ import annotations
 
@@ -9,28 +9,31 @@ from typing import Any
 import numpy as np
 
 from dccl_sim.config import SimConfig
+from dccl_sim.hosts.cloud import CloudHost
+from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.runtime.base import DevicePhase, Runtime
-from dccl_sim.runtime.roles import CloudRole, DeviceRole
 
 
 class LocalRuntime(Runtime):
     def __init__(self) -> None:
-        self._cloud: CloudRole | None = None
-        self._packs: list[DeviceRole] = []
+        self._cloud: CloudHost | None = None
+        self._packs: list[DeviceHost] = []
 
     def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:
-        self._cloud = CloudRole(config, dataset_root)
-        self._packs = [DeviceRole(config, dataset_root, ids) for ids in packs]
+        self._cloud = CloudHost(config, dataset_root)
+        self._packs = [DeviceHost(config, dataset_root, ids) for ids in packs]
 
     @property
     def num_cpus(self) -> int:
         return os.cpu_count() or 1
 
-    def cloud(self, method: str, *args: Any) -> Any:
-        return getattr(self._cloud, method)(*args)
+    @property
+    def cloud(self) -> CloudHost:
+        assert self._cloud is not None, "start() first"
+        return self._cloud
 
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
-        return self.cloud("broadcast", round_index, participants)
+        return self.cloud.broadcast(round_index, participants)
 
     def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
         phase = DevicePhase()

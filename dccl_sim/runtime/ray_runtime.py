@@ -1,4 +1,4 @@
-"""The Ray runtime: a CloudActor and DeviceActors wrapping the plain roles (DESIGN.md §5).
+"""The Ray runtime: a CloudActor and DeviceActors wrapping the plain hosts (DESIGN.md §5).
 
 The cloud's broadcast is the return value of one actor call, so it lands in the object store once and every
 pack reads it by reference (NumPy arrays zero-copy on a node). Results come back in completion order through
@@ -17,13 +17,16 @@ import numpy as np
 import ray
 from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
 
+from dccl_sim import metrics, plugins
+from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
+from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost
+from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.runtime.base import DevicePhase, Runtime
-from dccl_sim.runtime.roles import CloudRole, DeviceRole
 
-CloudActor = ray.remote(num_cpus=0)(CloudRole)
+CloudActor = ray.remote(num_cpus=0)(CloudHost)
 RESTART_WAIT_S = 600.0  # a restarted actor reloads its devices' data before it answers
-DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceRole)
+DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceHost)
 
 
 class RuntimeStartError(RuntimeError):
@@ -52,11 +55,52 @@ def _largest_node_cpus() -> int:
     return max([int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]] or [1])
 
 
-def _omp_threads(threads: int) -> dict[str, dict[str, str]]:
-    """A runtime_env starting the actor's OpenMP with the threads torch will use. Ray starts an actor below one CPU
-    with OMP_NUM_THREADS=1; in a bare zero-CPU actor, libgomp started so ran a 2-thread cloud minibatch in 15.3 ms
-    against 11.3 after torch.set_num_threads(2) (in the whole simulation the gain was within noise)."""
-    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+def plugin_specs(config: SimConfig) -> list[str]:
+    """The `module:Attribute` plug-ins a config names (strategy, model, data source)."""
+    specs = [config.strategy, getattr(config.model, "name", ""), config.data.source]
+    return [spec for spec in specs if plugins.is_reference(spec)]
+
+
+def actor_env(config: SimConfig, threads: int) -> dict:
+    """The actors' runtime_env: OpenMP started with the threads torch will use (Ray starts an actor below one CPU
+    with OMP_NUM_THREADS=1, which slows the cloud's multi-threaded training), and the user's plug-in modules
+    shipped so every actor, on any node, imports them."""
+    env: dict = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    modules = plugins.shipped_modules(plugin_specs(config))
+    if modules:
+        env["py_modules"] = modules
+    return env
+
+
+class _RemoteCloud:
+    """The cloud actor behind the `Cloud` interface: each call waits for its value."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def pretrain(self, cache_dir: str | None) -> dict[str, float]:
+        return ray.get(self._actor.pretrain.remote(cache_dir))
+
+    def load_state(self, state: dict[str, object]) -> None:
+        ray.get(self._actor.load_state.remote(state))
+
+    def device_info(self) -> DeviceInfo:
+        return ray.get(self._actor.device_info.remote())
+
+    def model_cost(self) -> ModelCost:
+        return ray.get(self._actor.model_cost.remote())
+
+    def device_counts(self, round_index: int) -> dict[str, np.ndarray]:
+        return ray.get(self._actor.device_counts.remote(round_index))
+
+    def update(self, round_index: int, participants: np.ndarray, results: list[PackResult]) -> dict[str, float]:
+        return ray.get(self._actor.update.remote(round_index, participants, results))
+
+    def evaluate(self) -> metrics.Evaluation:
+        return ray.get(self._actor.evaluate.remote())
+
+    def state(self) -> dict[str, object]:
+        return ray.get(self._actor.state.remote())
 
 
 class RayRuntime(Runtime):
@@ -106,20 +150,21 @@ class RayRuntime(Runtime):
         # the cloud asks Ray for no CPU (it works while the devices wait) and uses as many threads as the largest
         # node has CPUs: Ray would otherwise pin the actor's torch to one thread
         cloud_threads = config.runtime.torch_threads or _largest_node_cpus()
-        self._cloud = CloudActor.options(runtime_env=_omp_threads(cloud_threads)).remote(
+        self._cloud = CloudActor.options(runtime_env=actor_env(config, cloud_threads)).remote(
             config, dataset_root, cloud_threads
         )
         # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a restarted actor
         # never depends on a large argument still being in the object store
         self._packs = [
-            DeviceActor.options(num_cpus=share, runtime_env=_omp_threads(threads)).remote(
+            DeviceActor.options(num_cpus=share, runtime_env=actor_env(config, threads)).remote(
                 config, dataset_root, range(ids[0], ids[-1] + 1), threads
             )
             for ids in packs
         ]
 
-    def cloud(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self._cloud, method).remote(*args))
+    @property
+    def cloud(self) -> _RemoteCloud:
+        return _RemoteCloud(self._cloud)
 
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
         return self._cloud.broadcast.remote(round_index, participants)

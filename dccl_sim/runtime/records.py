@@ -28,15 +28,17 @@ DEVICE_RECORD_COLUMNS = (
     "sim_time_s",
     "straggler",
     "flops",
-    "n_candidates",
-    "n_kept",
-    "candidate_bytes",
-    "classifier_s",
 )
 
 
+def device_record_columns(strategy: type) -> tuple[str, ...]:
+    """devices.parquet's columns for a strategy: every strategy's, then its own `device_columns`."""
+    return (*DEVICE_RECORD_COLUMNS, *strategy.device_columns)
+
+
 class RoundRecord(BaseModel):
-    """One round of a run."""
+    """One round of a run: the columns every strategy records; a strategy's own (`Strategy.round_columns`) and
+    its cloud step's statistics (`cloud_<key>`) come as extra fields."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -79,10 +81,6 @@ class RoundRecord(BaseModel):
     broadcast_bytes: int
     upload_bytes_per_device: int
     download_bytes_per_device: int
-    # CoDA's per-device overheads, means over participants (0 for the other strategies; NaN in older runs)
-    candidates_per_device: float = math.nan
-    kept_per_device: float = math.nan
-    candidate_bytes_per_device: float = math.nan
     # PSS of the driver and the processes it started (an embedded Ray's workers included); NaN in older runs
     peak_memory_mb: float = math.nan
 
@@ -107,29 +105,27 @@ def read_rounds(path: str) -> list[RoundRecord]:
 
 
 def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
+    """One row per device per round; the columns are the newest frame's (a resumed run's rows read back with the
+    same names)."""
     if not frames:
         return
-    table = pa.table({name: np.concatenate([f[name] for f in frames]) for name in DEVICE_RECORD_COLUMNS})
+    table = pa.table({name: np.concatenate([f[name] for f in frames]) for name in frames[-1]})
     pq.write_table(table, path)
 
 
 # columns added after the first release, and the value rows written before them get, so older runs resume
-LATER_DEVICE_COLUMNS = {
-    "flops": np.float64(np.nan),
-    "n_candidates": np.int64(0),
-    "n_kept": np.int64(0),
-    "candidate_bytes": np.int64(0),
-    "classifier_s": np.float64(np.nan),
-}
+LATER_DEVICE_COLUMNS = {"flops": np.float64(np.nan)}
 
 
-def read_devices_records(path: str) -> list[dict[str, np.ndarray]]:
+def read_devices_records(path: str, names: tuple[str, ...] = DEVICE_RECORD_COLUMNS) -> list[dict[str, np.ndarray]]:
+    """The rows of devices.parquet as one dict of columns per round, with the given column names (a column the
+    file lacks gets its value from `LATER_DEVICE_COLUMNS`)."""
     table = pq.read_table(path)
     rounds = table["round"].to_numpy()
     columns = {
         name: table[name].to_numpy()
         if name in table.column_names
         else np.full(len(rounds), LATER_DEVICE_COLUMNS[name])  # the value's dtype is the column's
-        for name in DEVICE_RECORD_COLUMNS
+        for name in names
     }
     return [{name: values[rounds == r] for name, values in columns.items()} for r in np.unique(rounds)]

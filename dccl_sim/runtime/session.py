@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
+from dccl_sim.data.prepare import prepare_dataset
+from dccl_sim.data.store import read_meta
+from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime.base import Runtime
-from dccl_sim.runtime.driver import RunState, run_rounds
+from dccl_sim.runtime.driver import Dataset, RunState, run_rounds
 from dccl_sim.runtime.local import LocalRuntime
 from dccl_sim.runtime.observers import Observer, ProgressDisplay, RunDirectory, latest_checkpoint
-from dccl_sim.runtime.records import read_devices_records, read_rounds
+from dccl_sim.runtime.records import device_record_columns, read_devices_records, read_rounds
 
 
 def make_runtime(config: SimConfig) -> Runtime:
@@ -34,7 +37,8 @@ def resume_state(run_dir: Path, overrides: list[str]) -> tuple[SimConfig, RunSta
         return config, RunState()
     last_round, cloud_state = checkpoint
     records = [r for r in read_rounds(str(run_dir / "rounds.parquet")) if r.round <= last_round]
-    frames = [f for f in read_devices_records(str(run_dir / "devices.parquet")) if f["round"][0] <= last_round]
+    names = device_record_columns(resolve(STRATEGY, config.strategy))
+    frames = [f for f in read_devices_records(str(run_dir / "devices.parquet"), names) if f["round"][0] <= last_round]
     if len(records) != last_round + 1:
         raise ConfigError(f"--resume {run_dir}: rounds.parquet does not match checkpoint of round {last_round}")
     return config, RunState(records=records, device_frames=frames, cloud_state=cloud_state)
@@ -53,6 +57,10 @@ def run(
         observers.append(ProgressDisplay())
     observers += extra_observers or []
     try:
-        return run_rounds(config, runtime, observers, state)
+        for observer in observers:
+            observer.on_phase(state.next_round if state else 0, "preparing data")
+        root = prepare_dataset(config.data, config.seed)
+        dataset = Dataset(root, read_meta(root).num_devices)
+        return run_rounds(config, runtime, dataset, observers, state)
     finally:
         runtime.shutdown()

@@ -1,0 +1,210 @@
+"""The device host: a pack of devices, their local data, the broadcast models, and what a strategy's device step
+needs from them (samples, cached features, evaluation, result packaging)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dccl_sim import metrics
+from dccl_sim.algorithms.cloud_steps import first_hidden_of
+from dccl_sim.algorithms.metapatch_step import LocalSamples
+from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, merge_packs
+from dccl_sim.config import SimConfig
+from dccl_sim.context import RoundContext
+from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData, index_ranges
+from dccl_sim.hosts.loading import load_devices, model_spec
+from dccl_sim.models.factory import Models, build_models
+from dccl_sim.models.training import predict
+from dccl_sim.plugins import STRATEGY, resolve
+from dccl_sim.runtime.placement import chunk_bounds
+
+
+@dataclass(frozen=True)
+class RoundSamples:
+    """Sample indices of K devices for one round, grouped by device: device m owns [starts[m], ends[m])."""
+
+    indices: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The device row (0..K-1) of each sample."""
+        return np.repeat(np.arange(len(self.starts)), self.ends - self.starts)
+
+
+def group_by_device(data: DeviceData, device_ids: np.ndarray, mask: np.ndarray) -> RoundSamples:
+    """The samples under `mask` of each device in `device_ids` (sorted), in storage (time) order."""
+    # samples are stored sorted by device: each device's are one range, found by binary search rather than by a
+    # pass over every sample the pack holds
+    first = np.searchsorted(data.sample_device, device_ids, side="left")
+    held = index_ranges(first, np.searchsorted(data.sample_device, device_ids, side="right") - first)
+    indices = held[mask[held]]
+    bounds = np.searchsorted(data.sample_device[indices], np.append(device_ids, np.iinfo(np.int64).max))
+    return RoundSamples(indices, bounds[:-1], bounds[1:])
+
+
+def newest_slice_starts(positions: np.ndarray, starts: np.ndarray, ends: np.ndarray, frac: float) -> np.ndarray:
+    """Where each device's newest slice begins: the first of its rows whose position is at least the (1 − frac)
+    quantile (numpy's "higher" method) of its positions, so samples of one query never straddle the cut.
+    `positions` must be non-decreasing within each device's rows [starts[m], ends[m]); empty devices get `ends`."""
+    lengths = ends - starts
+    out = ends.copy()
+    has = lengths > 0
+    if not has.any():
+        return out
+    cut = positions[starts[has] + np.ceil((lengths[has] - 1) * (1.0 - frac)).astype(np.int64)]
+    # one sorted key over all devices: (device row, position); searchsorted finds each cut's first row
+    span = int(positions.max()) + 1
+    rows = np.repeat(np.arange(len(starts), dtype=np.int64), lengths)
+    key = rows * span + positions.astype(np.int64)
+    out[has] = np.searchsorted(key, np.flatnonzero(has) * span + cut, side="left")
+    return out
+
+
+class Stopwatch:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class DeviceHost:
+    """A pack of devices: reads only their samples from the dataset's Parquet shards and runs the strategy's
+    device step on the round's participants among them, chunk by chunk."""
+
+    def __init__(
+        self, config: SimConfig, dataset_root: str, device_ids: np.ndarray | range, torch_threads: int | None = None
+    ) -> None:
+        """`torch_threads`: None keeps torch's default."""
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.config = config
+        self.device_ids = np.asarray(device_ids, dtype=np.int64)
+        self.strategy = resolve(STRATEGY, config.strategy)(config)
+        self.data = load_devices(config, dataset_root, self.device_ids)
+        self.window = self.data.windows(config.data.windows, config.data.pretrain_frac)
+        eval_split = SPLIT_VALID if config.metrics.split == "valid" else SPLIT_TEST
+        self.eval_mask = self.data.split == eval_split
+        self.models: Models = build_models(model_spec(dataset_root), config, config.seed)
+        for module in (self.models.cloud, self.models.patch, self.models.encoder):
+            module.requires_grad_(False)
+            module.eval()
+        # every sample a device holds (all splits): what sizes a chunk's work
+        self.samples_per_device = np.bincount(self.data.sample_row, minlength=self.data.num_devices)
+
+    def ready(self) -> bool:
+        """Answers once the actor is constructed (its data loaded)."""
+        return True
+
+    def train_round(self, broadcast: Broadcast) -> PackResult:
+        """The strategy's device step for this pack's participants of the round, in chunks that bound memory."""
+        ctx = RoundContext(self.config, broadcast.round, broadcast.participants)
+        mine = self.device_ids[np.isin(self.device_ids, broadcast.participants)]
+        counts = self.samples_per_device[self.data.rows_of(mine)]
+        chunks = [mine[lo:hi] for lo, hi in chunk_bounds(counts, self.config.runtime)] or [mine]
+        self.load(broadcast)
+        return merge_packs([self.strategy.device_step(self, ctx, broadcast, chunk) for chunk in chunks])
+
+    # ---------------------------------------------------------------- what device steps use
+
+    def load(self, broadcast: Broadcast) -> None:
+        """Take the broadcast model (and patch generator, where the strategy sends it)."""
+        load_numpy_state(self.models.cloud, broadcast.model_state)
+        if broadcast.patch_state is not None:
+            load_numpy_state(self.models.patch, broadcast.patch_state)
+
+    def local_samples(self, device_ids: np.ndarray, round_index: int) -> RoundSamples:
+        """What a device holds in round t: its training samples of windows up to t (DESIGN.md §4)."""
+        mask = (self.data.split == SPLIT_TRAIN) & (self.window <= round_index)
+        return group_by_device(self.data, device_ids, mask)
+
+    def eval_samples(self, device_ids: np.ndarray) -> RoundSamples:
+        return group_by_device(self.data, device_ids, self.eval_mask)
+
+    def cloud_scores(self, samples: RoundSamples) -> np.ndarray:
+        """Logits of the broadcast model itself on the samples."""
+        return predict(self.models.cloud, self.data, samples.indices, history_len=self.config.data.history_len)
+
+    def z0(self, samples: RoundSamples) -> torch.Tensor:
+        """The first hidden output of the broadcast model on the samples (constant while W is frozen)."""
+        return first_hidden_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)
+
+    def patch_samples(self, device_ids: np.ndarray, local: RoundSamples, x: torch.Tensor | None = None) -> LocalSamples:
+        """The local samples with z_0 cached and each device's newest slice (by query position) marked for the gate;
+        `x`, the samples' top-MLP inputs when the caller has them already, saves computing them again."""
+        positions = self.data.seq_pos[local.indices]
+        holdout_start = newest_slice_starts(positions, local.starts, local.ends, self.config.device.gate_frac)
+        return LocalSamples(
+            z0=self.z0(local) if x is None else self.models.cloud.first_hidden(x),
+            label=torch.from_numpy(self.data.label[local.indices].astype(np.float32)),
+            starts=local.starts,
+            ends=local.ends,
+            holdout_start=holdout_start,
+            device_ids=device_ids,
+        )
+
+    def result(
+        self,
+        device_ids: np.ndarray,
+        local: RoundSamples,
+        evaluation: RoundSamples,
+        start_scores: np.ndarray,
+        device_scores: np.ndarray,
+        *,
+        samples_trained: np.ndarray,
+        elapsed_s: float,
+        gate_passed: np.ndarray | None = None,
+        uploads: dict[str, np.ndarray] | None = None,
+        sums: dict[str, np.ndarray] | None = None,
+        weight: float = 0.0,
+        extra_columns: dict[str, np.ndarray] | None = None,
+        extra_work: np.ndarray | int = 0,
+        own_time_s: np.ndarray | None = None,
+    ) -> PackResult:
+        """Package the per-device columns every strategy reports, with the strategy's `extra_columns`.
+
+        The pack's compute time is shared out in proportion to each device's work (samples trained, held and
+        evaluated, plus `extra_work`); time already attributed to single devices (`own_time_s`, part of
+        `elapsed_s`) is theirs alone. `gate_passed` is all False for strategies without a gate."""
+        k = self.config.metrics.k
+        start = self._ranking(evaluation, device_ids, start_scores, k)
+        device = self._ranking(evaluation, device_ids, device_scores, k)
+        n_train = np.bincount(local.rows, weights=self.data.label[local.indices] == 1, minlength=len(device_ids))
+        work = samples_trained + local.counts + evaluation.counts + extra_work
+        share = work / max(work.sum(), 1)
+        own = np.zeros(len(device_ids)) if own_time_s is None else own_time_s
+        columns = {
+            "device_id": device_ids,
+            "n_train": n_train.astype(np.int64),
+            "n_test": evaluation.counts.astype(np.int64),
+            "start_auc": start["auc"],
+            "device_auc": device["auc"],
+            "start_hr": start["hr"],
+            "device_hr": device["hr"],
+            "start_ndcg": start["ndcg"],
+            "device_ndcg": device["ndcg"],
+            "n_queries": device["n_queries"],
+            "gate_passed": np.zeros(len(device_ids), bool) if gate_passed is None else gate_passed.astype(bool),
+            "samples_trained": samples_trained.astype(np.int64),
+            "compute_s": share * (elapsed_s - own.sum()) + own,
+            **(extra_columns or {}),
+        }
+        return PackResult(columns=columns, uploads=uploads or {}, sums=sums or {}, weight=weight)
+
+    def _ranking(self, samples: RoundSamples, device_ids: np.ndarray, scores: np.ndarray, k: int) -> dict:
+        idx = samples.indices
+        return metrics.per_device_ranking(
+            self.data.sample_device[idx], self.data.query_ids(idx), self.data.label[idx], scores, device_ids, k
+        )

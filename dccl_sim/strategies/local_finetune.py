@@ -1,0 +1,57 @@
+"""`local_finetune`: each device trains its own copy of the top MLP on fixed features; the cloud fine-tunes W as
+`cloud_only` does."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dccl_sim.algorithms.cloud_steps import features_of
+from dccl_sim.algorithms.copies import train_copy
+from dccl_sim.algorithms.protocol import Broadcast, PackResult
+from dccl_sim.context import RoundContext
+from dccl_sim.hosts.cloud import ModelCost
+from dccl_sim.hosts.device import DeviceHost, Stopwatch
+from dccl_sim.strategies.cloud_only import CloudOnly
+
+
+class LocalFinetune(CloudOnly):
+    """The device computes its samples' top-MLP inputs x once under the broadcast model, then trains a copy of the
+    head on them (Adam at `device.model_lr`); nothing is uploaded."""
+
+    name = "local_finetune"
+
+    def device_step(
+        self, device: DeviceHost, ctx: RoundContext, broadcast: Broadcast, device_ids: np.ndarray
+    ) -> PackResult:
+        clock = Stopwatch()
+        model, data, history_len = device.models.cloud, device.data, self.config.data.history_len
+        local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
+        x_local = features_of(model, data, local.indices, history_len)
+        x_eval = features_of(model, data, evaluation.indices, history_len)
+        label = torch.from_numpy(data.label[local.indices].astype(np.float32))
+        start = model.head(x_eval).detach().numpy()
+        personal = np.empty_like(start)
+        base = dict(model.named_parameters())
+        trained = np.zeros(len(device_ids), dtype=np.int64)
+
+        def forward(params: dict[str, torch.Tensor], positions: np.ndarray):
+            rows = torch.from_numpy(positions)
+            return model.functional_head(params, x_local[rows]), label[rows]
+
+        for row, device_id in enumerate(device_ids):
+            params = {name: base[name].detach().clone() for name in model.head_parameter_names()}
+            lo, hi = local.starts[row], local.ends[row]
+            trained[row] = train_copy(params, forward, lo, hi, self.config.device, ctx.keys("device_copy", device_id))
+            lo, hi = evaluation.starts[row], evaluation.ends[row]
+            with torch.no_grad():
+                personal[lo:hi] = model.functional_head(params, x_eval[lo:hi]).numpy()
+        return device.result(
+            device_ids, local, evaluation, start, personal, samples_trained=trained, elapsed_s=clock.elapsed()
+        )
+
+    def flops_per_trained_sample(self, cost: ModelCost) -> float:
+        return cost.head
+
+    def planned_samples_trained(self, n_local: np.ndarray) -> np.ndarray:
+        return n_local * self.config.device.local_epochs
