@@ -88,12 +88,22 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """The DIN-style cloud model (DESIGN.md §3)."""
+    """The cloud model (DESIGN.md §3): `name` picks the recommender family (`din`, `sasrec`, or a user's
+    `module:Class`); the sizes below are shared by every family (its own settings live in its own section)."""
 
+    # the default is a built-in: resolving it here would import torch and every model module whenever
+    # dccl_sim.config is imported, so only a name the user gives is resolved
+    name: str = Field("din", validate_default=False)
     embed_dim: PositiveInt = 32
     profile_dim: PositiveInt = 8
     attention_hidden: tuple[PositiveInt, ...] = (36,)
     mlp_hidden: tuple[PositiveInt, ...] = (200, 80)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        plugins.resolve(plugins.MODEL, value)  # a PluginError (a ValueError) says which model and why
+        return value
 
     @field_validator("mlp_hidden")
     @classmethod

@@ -33,6 +33,7 @@ from dccl_sim import metrics
 from dccl_sim.config import ConfigError, SimConfig, load_config
 from dccl_sim.data.device_data import SPLIT_NAMES, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
 from dccl_sim.data.prepare import build
+from dccl_sim.models.base import ModelSpec
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.training import fit, predict
 
@@ -115,13 +116,8 @@ def run_seed(config: SimConfig, seed: int, epochs: int, log: Console | None = No
     bucket_of_device = metrics.activity_buckets(data.n_train, config.metrics.bucket_quantiles)
 
     torch.manual_seed(seed)
-    model = CloudModel(
-        meta.num_items,
-        meta.num_categories,
-        meta.profile_cardinalities,
-        torch.from_numpy(built.item_category),
-        config.model,
-    )
+    spec = ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
+    model = CloudModel(spec, config.model)
     start = time.perf_counter()
     losses = fit(
         model,

@@ -38,7 +38,7 @@ import torch
 from cli_args import csv_list
 
 from dccl_sim.config import ConfigError, load_config
-from dccl_sim.report import bucket_column_labels, bucket_gauc, load_run
+from dccl_sim.report import bucket_column_labels, bucket_gauc, read_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_devices(overrides: list[str], work_dir: Path, name: str) -> dict[str, np.ndarray]:
     config = load_config(None, [*overrides, f"output.out_dir={work_dir / name}", "output.progress=false"])
     run(config)
-    _, _, devices = load_run(work_dir / name)
+    _, _, devices = read_run(work_dir / name)
     return devices
 
 

@@ -36,7 +36,7 @@ import torch
 from cli_args import csv_list
 
 from dccl_sim.config import STRATEGIES, ConfigError, load_config
-from dccl_sim.report import bucket_column_labels, bucket_gauc, load_run
+from dccl_sim.report import bucket_column_labels, bucket_gauc, read_run
 from dccl_sim.runtime.session import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,7 +119,7 @@ def run_one(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path) 
     ]
     config = load_config(None, overrides)
     state = run(config)
-    _, _, devices = load_run(out_dir)
+    _, _, devices = read_run(out_dir)
     n_buckets = len(config.metrics.bucket_quantiles) + 1
     rows = []
     for record in state.records:

@@ -29,6 +29,7 @@ from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, PatchConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.hosts.device import group_by_device, newest_slice_starts
+from dccl_sim.models.base import ModelSpec
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 from dccl_sim.runtime.session import run
@@ -47,7 +48,7 @@ def one_torch_thread():
 
 def _models(seed: int = 0) -> tuple[CloudModel, MetaPatch]:
     torch.manual_seed(seed)
-    model = CloudModel(30, 3, [2, 4], torch.arange(31) % 3, ModelConfig())
+    model = CloudModel(ModelSpec(30, 3, (2, 4), np.arange(31) % 3), ModelConfig())
     patch = MetaPatch(model.hidden_sizes, K_PATCH, RANK)
     for module in (model, patch):
         module.requires_grad_(False)
@@ -264,8 +265,8 @@ def test_teacher_weights() -> None:
 def _cloud_model_for(built) -> CloudModel:
     torch.manual_seed(0)
     meta = built.meta
-    category = torch.from_numpy(built.item_category)
-    return CloudModel(meta.num_items, meta.num_categories, meta.profile_cardinalities, category, ModelConfig())
+    spec = ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
+    return CloudModel(spec, ModelConfig())
 
 
 def test_momodistill_with_zero_beta_is_plain_finetuning(synthetic_small) -> None:
@@ -360,11 +361,9 @@ def test_group_by_device_finds_each_devices_masked_samples_in_storage_order(synt
 def _bootstrapped(built, table: str, cache_bytes: int, monkeypatch) -> tuple[MetaPatch, list[float]]:
     monkeypatch.setattr(cloud_steps, "Z0_CACHE_BYTES", cache_bytes)
     torch.manual_seed(0)
+    meta = built.meta
     model = CloudModel(
-        built.meta.num_items,
-        built.meta.num_categories,
-        built.meta.profile_cardinalities,
-        torch.from_numpy(built.item_category),
+        ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
     )
     patch = MetaPatch(model.hidden_sizes, K_PATCH, RANK)
     indices = np.flatnonzero(built.data.split == SPLIT_TRAIN)[:3000]

@@ -25,6 +25,7 @@ from dccl_sim.algorithms.coda import (
 from dccl_sim.algorithms.metapatch_step import LocalSamples, loss_per_device
 from dccl_sim.config import ConfigError, DeviceConfig, ModelConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
+from dccl_sim.models.base import ModelSpec
 from dccl_sim.models.din import CloudModel
 from dccl_sim.models.metapatch import MetaPatch
 from dccl_sim.runtime.ray_runtime import RayRuntime
@@ -70,8 +71,8 @@ def test_coda_settings_that_run() -> None:
 def _cloud_model(built) -> CloudModel:
     torch.manual_seed(0)
     meta = built.meta
-    category = torch.from_numpy(built.item_category)
-    return CloudModel(meta.num_items, meta.num_categories, meta.profile_cardinalities, category, ModelConfig())
+    spec = ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
+    return CloudModel(spec, ModelConfig())
 
 
 def _pool(data, round_index: int) -> np.ndarray:
@@ -202,7 +203,8 @@ def test_selection_rules() -> None:
 
 def _models() -> tuple[CloudModel, MetaPatch]:
     torch.manual_seed(0)
-    model = CloudModel(30, 3, [2, 4], torch.arange(31) % 3, ModelConfig(embed_dim=8, mlp_hidden=(24, 12)))
+    spec = ModelSpec(30, 3, (2, 4), np.arange(31) % 3)
+    model = CloudModel(spec, ModelConfig(embed_dim=8, mlp_hidden=(24, 12)))
     patch = MetaPatch(model.hidden_sizes, K_PATCH, 4)
     return model.requires_grad_(False).eval(), patch.requires_grad_(False).eval()
 

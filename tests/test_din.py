@@ -10,14 +10,15 @@ from dccl_sim import metrics
 from dccl_sim.config import ModelConfig
 from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, Batch
 from dccl_sim.models import din
+from dccl_sim.models.base import ModelSpec
 from dccl_sim.models.din import CloudModel, HistoryPositions, gather_rows
 from dccl_sim.models.training import fit, predict
 
 
 def _model(num_items: int = 20, seed: int = 0, **config) -> CloudModel:
     torch.manual_seed(seed)
-    category = torch.arange(num_items + 1) % 4
-    return CloudModel(num_items, 4, [2, 3], category, ModelConfig(**config))
+    category = np.arange(num_items + 1) % 4
+    return CloudModel(ModelSpec(num_items, 4, (2, 3), category), ModelConfig(**config))
 
 
 def _batch(n: int = 6, length: int = 5, num_items: int = 20) -> Batch:
@@ -175,11 +176,9 @@ def test_training_on_ml100k_users_beats_chance(ml100k_small) -> None:
     built = ml100k_small
     data = built.data
     torch.manual_seed(0)
+    meta = built.meta
     model = CloudModel(
-        built.meta.num_items,
-        built.meta.num_categories,
-        built.meta.profile_cardinalities,
-        torch.from_numpy(built.item_category),
+        ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
     )
     train = np.flatnonzero(data.split == SPLIT_TRAIN)
     test = np.flatnonzero(data.split == SPLIT_TEST)

@@ -4,43 +4,22 @@ Items are embedded as item + category embeddings; the history is pooled with att
 `MLP([e_h, e_t, e_h - e_t, e_h * e_t])` (masked softmax over the valid positions; when many are padding, only those
 are scored); the top MLP reads `x = [pooled, e_t, pooled * e_t, profile embeddings]`. `features` and `head` are
 exposed separately so that device steps compute x once per round and patches can act on the top MLP's hidden layers.
+The top MLP is `Recommender`'s, shared by every model family.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import nn
 
 from dccl_sim.config import ModelConfig
 from dccl_sim.data.device_data import Batch
-
-# patch(layer index, hidden output z_l) -> z_l + h_l(z_l)
-HiddenPatch = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.num_rows = table.shape[0]
-        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (index,) = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        return grad.new_zeros(ctx.num_rows, flat.shape[1]).index_add_(0, index.reshape(-1), flat), None
-
-
-def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] for a 2-D table: the same values and gradient, but the backward scatter-adds with index_add_,
-    which on CPU is 4× faster than indexing's or embedding's backward (sorting 20,480 positions into 2,001 rows)."""
-    return _GatherRows.apply(table, index)
-
+from dccl_sim.models.base import ModelSpec, Recommender, gather_rows, mlp_flops
 
 # below this share of non-padding positions a batch scores only those (ragged); above it, all N·L positions (dense),
 # where broadcasting beats gathering every position's per-sample terms. Measured on 2 threads, one process: at 42%
@@ -99,44 +78,43 @@ class HistoryPositions:
         return history.new_zeros(n, history.shape[1]).index_add(0, self.sample, weighted)
 
 
-class CloudModel(nn.Module):
+class DIN(Recommender):
     """DIN-style CTR model; `forward(batch)` returns logits of shape [N]."""
 
-    def __init__(
-        self,
-        num_items: int,
-        num_categories: int,
-        profile_cardinalities: Sequence[int],
-        item_category: torch.Tensor,
-        config: ModelConfig | None = None,
-    ) -> None:
-        super().__init__()
-        config = config or ModelConfig()
+    name = "din"
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig | None = None, settings: Any = None) -> None:
+        super().__init__(spec, config, settings)
+        config = self.config
         d = config.embed_dim
-        if item_category.shape[0] != num_items + 1:
-            raise ValueError(f"item_category must have num_items + 1 = {num_items + 1} entries (index 0 is padding)")
-        self.num_items = num_items
-        self.register_buffer("item_category", item_category.to(torch.int64), persistent=False)
-        self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)
-        self.category_embedding = nn.Embedding(num_categories, d)
-        self.profile_embeddings = nn.ModuleList(nn.Embedding(c, config.profile_dim) for c in profile_cardinalities)
+        # parameters are created in this order so that a model seeded as before is bit-identical
+        self.item_embedding = nn.Embedding(spec.num_items + 1, d, padding_idx=0)
+        self.category_embedding = nn.Embedding(spec.num_categories, d)
+        self.profile_embeddings = nn.ModuleList(nn.Embedding(c, config.profile_dim) for c in spec.profile_cardinalities)
 
         sizes = [4 * d, *config.attention_hidden]
         self.attention_layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
         self.attention_out = nn.Linear(sizes[-1], 1)
 
-        self.input_dim = 3 * d + config.profile_dim * len(profile_cardinalities)
-        sizes = [self.input_dim, *config.mlp_hidden]
-        self.hidden_layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
-        self.output_layer = nn.Linear(sizes[-1], 1)
+        self.build_top_mlp(3 * d + config.profile_dim * len(spec.profile_cardinalities))
         for embedding in (self.item_embedding, self.category_embedding, *self.profile_embeddings):
             nn.init.normal_(embedding.weight, std=0.05)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
     @property
-    def hidden_sizes(self) -> list[int]:
-        return [layer.out_features for layer in self.hidden_layers]
+    def behaviour_dim(self) -> int:
+        """x = [pooled, e_t, pooled * e_t, profiles]: the first three blocks describe the sample."""
+        return 3 * self.config.embed_dim
+
+    def feature_flops(self, history_len: int) -> float:
+        """The attention MLP on the concatenation [e_h, e_t, e_h - e_t, e_h * e_t] at each of the L positions,
+        plus 4·L·d for the difference, the product and the pooling's multiply-add. This counts the model as
+        defined; `features` computes the same function with fewer FLOPs (the first layer is split by block and
+        the history block projected per item), so it is an upper bound of the implementation's matrix products."""
+        d = self.config.embed_dim
+        attention = [4 * d, *self.config.attention_hidden, 1]
+        return float(history_len * mlp_flops(attention) + 4 * history_len * d)
 
     def item_table(self) -> torch.Tensor:
         """Embeddings of every item index (item + its category), [num_items + 1, d]; row 0 is padding."""
@@ -169,17 +147,9 @@ class CloudModel(nn.Module):
             hidden = torch.relu(layer(hidden))
         return self.attention_out(hidden).squeeze(-1)
 
-    def _check_items(self, batch: Batch) -> None:
-        if len(batch) == 0:
-            return
-        low, high = int(batch.item.min()), max(int(batch.item.max()), int(batch.history.max()))
-        if low < 1 or high > self.num_items:
-            bad = high if high > self.num_items else low
-            raise ValueError(f"item id {bad} is unknown to the model (valid ids: 1..{self.num_items})")
-
     def features(self, batch: Batch) -> torch.Tensor:
         """The top-MLP input x = [pooled history, e_t, pooled * e_t, profile embeddings], shape [N, input_dim]."""
-        self._check_items(batch)
+        self.check_items(batch)
         table = self.item_table()
         target = gather_rows(table, batch.item)
         positions = HistoryPositions.of(batch.history)
@@ -190,22 +160,6 @@ class CloudModel(nn.Module):
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
 
-    def first_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """z_0, the first hidden layer's output before any patch: constant while W is frozen, so devices cache it."""
-        return torch.relu(self.hidden_layers[0](x))
 
-    def head_from_first(self, z0: torch.Tensor, patch: HiddenPatch | None = None) -> torch.Tensor:
-        """The rest of the top MLP from the cached z_0; `patch(l, z_l)` may replace each hidden output z_l."""
-        z = z0 if patch is None else patch(0, z0)
-        for index, layer in enumerate(self.hidden_layers[1:], start=1):
-            z = torch.relu(layer(z))
-            if patch is not None:
-                z = patch(index, z)
-        return self.output_layer(z).squeeze(-1)
-
-    def head(self, x: torch.Tensor, patch: HiddenPatch | None = None) -> torch.Tensor:
-        """Top MLP on x (optionally patched, MetaPatch); returns logits [N]."""
-        return self.head_from_first(self.first_hidden(x), patch)
-
-    def forward(self, batch: Batch, patch: HiddenPatch | None = None) -> torch.Tensor:
-        return self.head(self.features(batch), patch)
+# the name other modules import until the plug-in redesign is merged
+CloudModel = DIN

@@ -1,45 +1,49 @@
-"""Build the cloud model, the MetaPatch parameters and the patch encoder from a dataset's description."""
+"""Build the cloud model, the MetaPatch parameters and the patch encoder from a dataset's description.
+
+The cloud model's class is the plug-in `config.model.name` names (a built-in recommender of `dccl_sim.models` or a
+user's `module:Class`), built with its own settings section.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
+from dccl_sim import plugins
 from dccl_sim.config import SimConfig
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.base import ModelSpec, Recommender
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the models need to know about the data: vocabulary sizes and the item → category table."""
-
-    num_items: int
-    num_categories: int
-    profile_cardinalities: tuple[int, ...]
-    item_category: np.ndarray  # [num_items + 1]
+__all__ = ["ModelSpec", "Models", "build_models", "model_class", "model_settings"]
 
 
 @dataclass
 class Models:
-    cloud: CloudModel
+    cloud: Recommender
     patch: MetaPatch
     encoder: PatchEncoder
+
+
+def model_class(config: SimConfig) -> type[Recommender]:
+    """The recommender class `model.name` selects."""
+    return plugins.resolve(plugins.MODEL, config.model.name)
+
+
+def model_settings(cls: type[Recommender], config: SimConfig) -> Any:
+    """The validated settings a recommender is built with (None if it has none). Until SimConfig reads plug-in
+    sections, these are the `Settings` defaults."""
+    settings = plugins.settings_model(cls)
+    return settings() if settings is not None else None
 
 
 def build_models(spec: ModelSpec, config: SimConfig, seed: int) -> Models:
     """Fresh models with weights drawn from `seed` alone, so every process builds the same ones."""
     torch.manual_seed(seed)
-    cloud = CloudModel(
-        spec.num_items,
-        spec.num_categories,
-        spec.profile_cardinalities,
-        torch.from_numpy(spec.item_category),
-        config.model,
-    )
+    cls = model_class(config)
+    cloud = cls(spec, config.model, model_settings(cls, config))
     patch = MetaPatch(cloud.hidden_sizes, config.patch.k, config.patch.rank)
     encoder = PatchEncoder(spec.profile_cardinalities, config.patch.k)
     return Models(cloud, patch, encoder)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dccl_sim.models.din import HiddenPatch
+from dccl_sim.models.base import HiddenPatch
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ class MetaPatch(nn.Module):
     def num_patch_params(self) -> int:
         """P: the number of entries of vec(B_1..B_L)."""
         return sum(basis.shape[0] * self.rank for basis in self.basis)
+
+    def flops_per_sample(self) -> float:
+        """Forward FLOPs the per-sample patch (`patch`) adds to one sample: per hidden layer of width d_l,
+        A_l z (2·r·d_l) and (tanh(A_l z) ⊗ θ̂) Θ_lᵀ (2·r·k·d_l)."""
+        return float(sum(2 * basis.shape[0] * self.rank * (1 + self.k) for basis in self.basis))
 
     def delta(self, layer: int, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """h_l(z) for a batch whose row n belongs to the device with meta-patch theta[n]."""
