@@ -255,7 +255,7 @@ class SimConfig(Section):
 
     def _selected_plugins(self) -> list[Any]:
         """The plug-ins this config runs with, whose settings sections it carries."""
-        return [plugins.resolve(plugins.STRATEGY, self.strategy)]
+        return [plugins.resolve(plugins.STRATEGY, self.strategy), plugins.resolve(plugins.MODEL, self.model.name)]
 
     @model_validator(mode="after")
     def _plugin_sections(self) -> SimConfig:

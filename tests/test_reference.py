@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from record import REFERENCE, STRATEGIES, reference_run
 
 RECORDED = json.loads(REFERENCE.read_text())
+# a deliberate change of the plug-in redesign: CoDA's per-round columns (0 for every other strategy before) are now
+# recorded by CoDA alone, as columns a strategy owns
+CODA_ONLY = {"candidates_per_device", "kept_per_device", "candidate_bytes_per_device"}
 
 
 def _array(values: list) -> np.ndarray:
@@ -24,9 +27,13 @@ def _array(values: list) -> np.ndarray:
 def test_strategy_reproduces_its_reference_run(strategy: str, tmp_path: Path) -> None:
     expected = RECORDED["runs"][strategy]
     actual = reference_run(strategy, tmp_path)
-    assert set(actual["rounds"]) >= set(expected["rounds"]), "round columns went missing"
+    dropped = set() if strategy == "coda" else CODA_ONLY
+    assert set(actual["rounds"]) >= set(expected["rounds"]) - dropped, "round columns went missing"
+    assert not set(actual["rounds"]) & dropped
     for kind in ("rounds", "devices"):
         for name, values in expected[kind].items():
+            if name in dropped:
+                continue
             np.testing.assert_allclose(
                 _array(actual[kind][name]), _array(values), atol=1e-5, rtol=0, err_msg=f"{strategy} {kind}.{name}"
             )

@@ -7,7 +7,6 @@ user's `module:Class`), built with its own settings section.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -17,7 +16,7 @@ from dccl_sim.models.base import ModelSpec, Recommender
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
 
-__all__ = ["ModelSpec", "Models", "build_models", "model_class", "model_settings"]
+__all__ = ["ModelSpec", "Models", "build_models", "model_class"]
 
 
 @dataclass
@@ -32,18 +31,11 @@ def model_class(config: SimConfig) -> type[Recommender]:
     return plugins.resolve(plugins.MODEL, config.model.name)
 
 
-def model_settings(cls: type[Recommender], config: SimConfig) -> Any:
-    """The validated settings a recommender is built with (None if it has none). Until SimConfig reads plug-in
-    sections, these are the `Settings` defaults."""
-    settings = plugins.settings_model(cls)
-    return settings() if settings is not None else None
-
-
 def build_models(spec: ModelSpec, config: SimConfig, seed: int) -> Models:
     """Fresh models with weights drawn from `seed` alone, so every process builds the same ones."""
     torch.manual_seed(seed)
     cls = model_class(config)
-    cloud = cls(spec, config.model, model_settings(cls, config))
+    cloud = cls(spec, config.model, config.section(cls))
     patch = MetaPatch(cloud.hidden_sizes, config.patch.k, config.patch.rank)
     encoder = PatchEncoder(spec.profile_cardinalities, config.patch.k)
     return Models(cloud, patch, encoder)
