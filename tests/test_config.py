@@ -36,7 +36,7 @@ def test_toml_and_yaml_files_and_overrides(tmp_path: Path) -> None:
         ("patch.k=0", "patch.k: Input should be greater than 0 (got 0)"),
         ("runtime.participation=1.5", "runtime.participation: Input should be less than or equal to 1"),
         ("runtime.participation=0", "runtime.participation: Input should be greater than 0"),
-        ("strategy=magic", "strategy: Input should be 'cloud_only', 'metapatch'"),
+        ("strategy=magic", "strategy: unknown strategy 'magic'; choose one of cloud_only, coda, dccl, fedavg"),
         ("data.source=/no/such/dir", "data.source: no such dataset directory or MovieLens file"),
         ("data.valid_frac=0.75", "leaves almost no training data"),
         ("runtime.devices_per_actor=0", "runtime.devices_per_actor"),

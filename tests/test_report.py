@@ -12,7 +12,8 @@ import pytest
 
 from dccl_sim import cli
 from dccl_sim.config import load_config
-from dccl_sim.report import PLOTS, RunDirectoryError, _fmt, write_report
+from dccl_sim.report import PLOTS, _fmt, write_report
+from dccl_sim.results import RunDirectoryError
 from dccl_sim.runtime.session import run
 
 SMALL = [

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -176,15 +177,19 @@ def test_resume_and_extend_equal_an_uninterrupted_run(tmp_path: Path) -> None:
     assert_same_results(tmp_path / "straight", tmp_path / "stopped")
 
 
-def test_a_run_written_before_the_coda_columns_resumes(tmp_path: Path) -> None:
+def test_an_older_run_resumes(tmp_path: Path) -> None:
+    """A run written before `flops` existed, and with CoDA's columns (every strategy wrote them, as 0, before
+    strategies owned their columns), resumes: the missing column is filled, the foreign ones are dropped."""
     out = tmp_path / "old"
     run(small_config(out, "runtime.backend=local", "rounds=1"))
-    table = pq.read_table(out / "devices.parquet")
-    pq.write_table(table.drop_columns(list(LATER_DEVICE_COLUMNS)), out / "devices.parquet")
+    table = pq.read_table(out / "devices.parquet").drop_columns(list(LATER_DEVICE_COLUMNS))
+    table = table.append_column("n_kept", pa.array(np.zeros(table.num_rows, dtype=np.int64)))
+    pq.write_table(table, out / "devices.parquet")
     config, state = resume_state(out, ["rounds=2"])
-    assert np.isnan(state.device_frames[0]["flops"]).all() and (state.device_frames[0]["n_kept"] == 0).all()
+    assert np.isnan(state.device_frames[0]["flops"]).all() and "n_kept" not in state.device_frames[0]
     run(config, state)
     assert pq.read_table(out / "rounds.parquet").num_rows == 2
+    assert "n_kept" not in pq.read_table(out / "devices.parquet").column_names
 
 
 class KillingRuntime(RayRuntime):
