@@ -5,6 +5,7 @@ The public API (everything else may change between releases; docs/architecture.m
 - `SimConfig`: every setting, validated (`SimConfig.model_validate(dict)`, or `load_config(file, ["key=value"])`).
 - `run(config)`: run a simulation into `config.output.out_dir`; returns when every round is done.
 - `Strategy`: the base class of an algorithm (device step, cloud step, broadcast, cost, columns).
+- `Recommender`: the base class of a cloud model (features of a sample; the shared top MLP MetaPatch patches).
 - `RoundContext`: the frozen round context every step receives (config, round, participants, random streams).
 - `Observer`: hooks on the round loop (start, phase, round, end).
 - `load_run(dir)`: a run's config and its rounds and devices tables (pandas when installed, else Arrow).
@@ -16,6 +17,7 @@ from typing import Any
 
 from dccl_sim.config import ConfigError, SimConfig, build_config, load_config
 from dccl_sim.context import RoundContext
+from dccl_sim.models.base import Recommender
 from dccl_sim.results import RunResults, load_run
 from dccl_sim.runtime.observers import Observer
 from dccl_sim.strategies.base import Strategy
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "Observer",
+    "Recommender",
     "RoundContext",
     "RunResults",
     "SimConfig",

@@ -22,10 +22,11 @@ def train_copy(
     end: int,
     config: DeviceConfig,
     seed_keys: tuple[int, ...],
+    penalty: Callable[[dict[str, torch.Tensor]], torch.Tensor | None] | None = None,
 ) -> int:
     """Adam at `config.model_lr` on one device's copy of `parameters` (trained in place) over its samples at
-    positions [start, end), for `config.local_epochs` shuffled epochs drawn from `seed_keys`; returns the samples
-    trained."""
+    positions [start, end), for `config.local_epochs` shuffled epochs drawn from `seed_keys`, minimizing mean BCE
+    plus `penalty(parameters)` where given; returns the samples trained."""
     for tensor in parameters.values():
         tensor.requires_grad_(True)
     optimizer = torch.optim.Adam(list(parameters.values()), lr=config.model_lr)
@@ -37,6 +38,9 @@ def train_copy(
         rows, _ = schedule.step(s)
         logits, label = forward(parameters, rows)
         loss = functional.binary_cross_entropy_with_logits(logits, label)
+        extra = penalty(parameters) if penalty is not None else None
+        if extra is not None:
+            loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

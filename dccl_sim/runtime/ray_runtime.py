@@ -61,12 +61,23 @@ def plugin_specs(config: SimConfig) -> list[str]:
     return [spec for spec in specs if plugins.is_reference(spec)]
 
 
-def actor_env(config: SimConfig, threads: int) -> dict:
-    """The actors' runtime_env: OpenMP started with the threads torch will use (Ray starts an actor below one CPU
-    with OMP_NUM_THREADS=1, which slows the cloud's multi-threaded training), and the user's plug-in modules
-    shipped so every actor, on any node, imports them."""
-    env: dict = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+def upload_plugins(config: SimConfig) -> list[str]:
+    """Upload the user's plug-in modules to the cluster's object store; returns their URIs for an actor's
+    runtime_env `py_modules`, so every actor, on any node, imports them. An actor's runtime_env takes only URIs
+    (local paths are uploaded by `ray.init`, which may have run before this config existed): Ray's own uploader
+    makes them, the one `ray.init` uses (ray is pinned, see pyproject.toml)."""
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+
     modules = plugins.shipped_modules(plugin_specs(config))
+    if not modules:
+        return []
+    return upload_py_modules_if_needed({"py_modules": modules}, include_gitignore=True)["py_modules"]
+
+
+def actor_env(threads: int, modules: list[str]) -> dict:
+    """The actors' runtime_env: OpenMP started with the threads torch will use (Ray starts an actor below one CPU
+    with OMP_NUM_THREADS=1, which slows the cloud's multi-threaded training) and the plug-in modules' URIs."""
+    env: dict = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     if modules:
         env["py_modules"] = modules
     return env
@@ -150,13 +161,14 @@ class RayRuntime(Runtime):
         # the cloud asks Ray for no CPU (it works while the devices wait) and uses as many threads as the largest
         # node has CPUs: Ray would otherwise pin the actor's torch to one thread
         cloud_threads = config.runtime.torch_threads or _largest_node_cpus()
-        self._cloud = CloudActor.options(runtime_env=actor_env(config, cloud_threads)).remote(
+        modules = upload_plugins(config)
+        self._cloud = CloudActor.options(runtime_env=actor_env(cloud_threads, modules)).remote(
             config, dataset_root, cloud_threads
         )
         # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a restarted actor
         # never depends on a large argument still being in the object store
         self._packs = [
-            DeviceActor.options(num_cpus=share, runtime_env=actor_env(config, threads)).remote(
+            DeviceActor.options(num_cpus=share, runtime_env=actor_env(threads, modules)).remote(
                 config, dataset_root, range(ids[0], ids[-1] + 1), threads
             )
             for ids in packs

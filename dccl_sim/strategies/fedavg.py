@@ -20,6 +20,11 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
+    def local_penalty(self, params: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A term added to each device's local loss, given its copy and the broadcast model (None: plain FedAvg).
+        Subclasses override it, e.g. FedProx's proximal term (examples/fedprox.py)."""
+        return None
+
     def device_step(
         self, device: DeviceHost, ctx: RoundContext, broadcast: Broadcast, device_ids: np.ndarray
     ) -> PackResult:
@@ -37,10 +42,14 @@ class FedAvg(Strategy):
             batch = data.batch(local.indices[positions], history_len)
             return functional_call(model, params, (batch,)), batch.label
 
+        def penalty(params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+            return self.local_penalty(params, base)
+
         for row, device_id in enumerate(device_ids):
             params = {name: value.clone() for name, value in base.items()}
             lo, hi = local.starts[row], local.ends[row]
-            trained[row] = train_copy(params, forward, lo, hi, self.config.device, ctx.keys("device_copy", device_id))
+            keys = ctx.keys("device_copy", device_id)
+            trained[row] = train_copy(params, forward, lo, hi, self.config.device, keys, penalty)
             n = float(hi - lo)
             for name, value in params.items():
                 total[name] += n * value.detach().double()
