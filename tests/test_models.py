@@ -97,6 +97,14 @@ def test_empty_histories_give_finite_outputs_and_gradients(ml100k_small, name: s
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_an_empty_batch_scores_to_an_empty_tensor(ml100k_small, name: str) -> None:
+    model = _model(ml100k_small, name)
+    empty = _rows(_batch(ml100k_small, 64), torch.arange(0))
+    assert model.features(empty).shape == (0, model.input_dim)
+    assert model(empty).shape == (0,)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_a_sample_does_not_depend_on_its_batch(ml100k_small, name: str) -> None:
     """Placement invariance: a sample's x and logit are the same alone, in any subset, in any order (1e-6)."""
     model = _model(ml100k_small, name)

@@ -65,13 +65,13 @@ class _Block(nn.Module):
             k, v = functional.linear(a, self.qkv.weight[d:], self.qkv.bias[d:]).chunk(2, dim=-1)
         else:
             q, k, v = self.qkv(a).chunk(3, dim=-1)
-        heads, dh = self.heads, d // self.heads
-        q = q.reshape(n, -1, heads, dh).transpose(1, 2)  # [N, H, Q, dh]
+        heads, dh, queries = self.heads, d // self.heads, 1 if newest_only else length
+        q = q.reshape(n, queries, heads, dh).transpose(1, 2)  # [N, H, Q, dh]
         k = k.reshape(n, length, heads, dh).transpose(1, 2)
         v = v.reshape(n, length, heads, dh).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)).mul_(dh**-0.5).masked_fill_(~allowed, float("-inf"))
         weights = self._drop(torch.softmax(scores, dim=-1))
-        attended = (weights @ v).transpose(1, 2).reshape(n, -1, d)
+        attended = (weights @ v).transpose(1, 2).reshape(n, queries, d)
         h = h + self._drop(self.attention_out(attended))
         return h + self._drop(self.ffn_out(torch.relu(self.ffn_in(self.ffn_norm(h)))))
 
