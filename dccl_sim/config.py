@@ -74,9 +74,12 @@ class DataConfig(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        from dccl_sim.data.sources.base import resolve_source  # the sources import this module
+        # Not the default: it is built in, and checking it would import every source module, some of which import
+        # this one, while this module is still loading (SimConfig validates its default DataConfig).
+        if value != cls.model_fields["source"].default:
+            from dccl_sim.data.sources.base import resolve_source
 
-        resolve_source(value)  # raises, saying why, unless the name, reference or path is usable
+            resolve_source(value)  # raises, saying why, unless the name, reference or path is usable
         return value
 
     @field_validator("path")
@@ -88,6 +91,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_is_read(self) -> DataConfig:
+        if self.path is None and self.source == type(self).model_fields["source"].default:
+            return self  # the default source reads no files (not resolved here: see _known_source)
         from dccl_sim.data.sources.base import check_path, resolve_source
 
         source, legacy_path = resolve_source(self.source)

@@ -4,6 +4,9 @@ own settings), the config's errors, and the cache keys that must not move."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -58,6 +61,23 @@ def config_error(*overrides: str) -> str:
 def test_the_builtins_are_found_by_name() -> None:
     assert set(plugins.builtins(plugins.SOURCE)) == {"ml100k", "movielens", "recbole", "synthetic", "table"}
     assert plugins.SOURCE in plugins.KINDS
+
+
+@pytest.mark.parametrize("first", ["dccl_sim.data.sources.synthetic", "dccl_sim.data.synthetic", "dccl_sim.plugins"])
+def test_every_builtin_is_found_whichever_module_is_imported_first(first: str) -> None:
+    """The config validates sources through the registry and some sources import the config: no import order may
+    leave the registry half-filled or fail."""
+    code = (
+        f"import {first}\n"
+        "from dccl_sim import plugins\n"
+        "from dccl_sim.config import DataConfig\n"
+        "DataConfig(source='synthetic')\n"
+        "print(' '.join(sorted(plugins.builtins(plugins.SOURCE))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ml100k", "movielens", "recbole", "synthetic", "table"]
 
 
 def test_table_from_csv_and_parquet_gives_the_ml100k_interactions(ml100k_raw: RawDataset, tmp_path: Path) -> None:

@@ -121,9 +121,10 @@ def resolve_source(source: str) -> tuple[DataSource | None, Path | None]:
 
 def check_path(source: DataSource, path: Path | None) -> None:
     """`data.path` is given exactly when the source reads files (its existence is checked with the field)."""
-    if source.reads_path and path is None:
+    reads_path = getattr(source, "reads_path", False)  # a hand-made plug-in may lack it: then it reads no files
+    if reads_path and path is None:
         raise ConfigError(f"data source {source.name!r} reads files: set data.path to its file or folder")
-    if not source.reads_path and path is not None:
+    if not reads_path and path is not None:
         raise ConfigError(f"data.path is set but data source {source.name!r} reads no files; remove data.path")
 
 
