@@ -54,7 +54,7 @@ def cache_key(config: DataConfig, seed: int, settings: SettingsInput = None) -> 
         path = Path(config.path).expanduser().resolve()
         values["path"] = str(path)
         name = f"{config.source}-{path.name}"
-    if config.source != "synthetic":
+    if config.source != "synthetic":  # data.synthetic shapes the generator's data only
         values.pop("synthetic")
     resolved = source_settings(source, settings)
     if resolved is not None:
