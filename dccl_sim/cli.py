@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -74,9 +75,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from dccl_sim.data.prepare import build, write_to
     from dccl_sim.data.store import write_dataset
 
-    extra = [f"data.source={args.source if args.source != 'movielens' else args.path}"]
-    if args.source == "movielens" and not args.path:
-        raise ConfigError("dccl-sim data movielens needs the path of the MovieLens files")
+    extra = [f"data.source={args.source}"]
+    if args.path is not None:  # quoted: a path is a string, whatever YAML would make of it
+        extra.append(f"data.path={json.dumps(args.path)}")
     if args.devices is not None:
         extra.append(f"data.num_devices={args.devices}")
     config = _config(args, extra)
@@ -153,8 +154,8 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     data = commands.add_parser("data", help="build a dataset directory (Parquet partitioned by device shard)")
-    data.add_argument("source", choices=["ml100k", "synthetic", "movielens"])
-    data.add_argument("path", nargs="?", help="MovieLens files (for `movielens`)")
+    data.add_argument("source", help="ml100k, synthetic, movielens, recbole, table, or a module:function of yours")
+    data.add_argument("path", nargs="?", help="the file or folder a source reads (movielens, recbole, table)")
     data.add_argument("--out", required=True, help="a local folder or a pyarrow filesystem URI (s3://, gs://, ...)")
     data.add_argument("--devices", type=int, help="synthetic: how many devices; real data: keep the first N users")
     common(data)

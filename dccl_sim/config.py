@@ -52,7 +52,10 @@ class SyntheticConfig(Section):
 class DataConfig(Section):
     """Where samples come from and how they are cut (DESIGN.md §2 and §4)."""
 
+    # a built-in source (ml100k, synthetic, movielens, recbole, table), a user's `module:function`, a dataset directory
+    # (holding meta.json) or URI, or (the older form of `movielens`) a path to MovieLens or RecBole files
     source: str = "ml100k"
+    path: Path | None = None  # the file or folder read by a source that reads files (movielens, recbole, table)
     num_devices: PositiveInt | None = None
     cache_dir: Path = Path("~/.cache/dccl-sim")
     history_len: PositiveInt = 20
@@ -73,11 +76,35 @@ class DataConfig(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value in ("ml100k", "synthetic") or "://" in value:
-            return value
-        if not Path(value).expanduser().exists():
-            raise ValueError(f"no such dataset directory or MovieLens file: {value!r} (or use 'ml100k', 'synthetic')")
+        # Not the default: it is built in, and checking it would import every source module, some of which import
+        # this one, while this module is still loading (SimConfig validates its default DataConfig).
+        if value != cls.model_fields["source"].default:
+            from dccl_sim.data.sources.base import resolve_source
+
+            resolve_source(value)  # raises, saying why, unless the name, reference or path is usable
         return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().exists():
+            raise ValueError("no such file or folder")
+        return value
+
+    @model_validator(mode="after")
+    def _path_is_read(self) -> DataConfig:
+        if self.path is None and self.source == type(self).model_fields["source"].default:
+            return self  # the default source reads no files (not resolved here: see _known_source)
+        from dccl_sim.data.sources.base import check_path, resolve_source
+
+        source, legacy_path = resolve_source(self.source)
+        if source is not None and legacy_path is None:
+            check_path(source, self.path)
+        elif self.path is not None:  # a dataset directory or the files themselves are already named
+            raise ValueError(
+                f"data.path is set but data.source {self.source!r} names the data itself; remove data.path"
+            )
+        return self
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> DataConfig:

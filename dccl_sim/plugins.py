@@ -54,7 +54,7 @@ def _data_source(obj: Any) -> bool:
 STRATEGY = Kind("strategy", "dccl_sim.strategies", _subclass_of("dccl_sim.strategies.base", "Strategy"), "a Strategy")
 MODEL = Kind("model", "dccl_sim.models", _subclass_of("dccl_sim.models.base", "Recommender"), "a Recommender")
 SOURCE = Kind("data source", "dccl_sim.data.sources", _data_source, "a function decorated with @data_source")
-KINDS = (STRATEGY, MODEL)
+KINDS = (STRATEGY, MODEL, SOURCE)
 
 
 @cache

@@ -38,7 +38,7 @@ def test_data_command_writes_a_dataset_and_prints_a_summary(tmp_path: Path, caps
     assert "devices" in printed and "200" in printed and "interactions per device" in printed
     assert read_meta(str(out)).num_devices == 200
     assert main(["data", "movielens", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    assert "no such dataset directory or MovieLens file" in capsys.readouterr().out
+    assert "data.path: no such file or folder" in capsys.readouterr().out
 
 
 def test_ctrl_c_keeps_finished_rounds_and_resume_finishes(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""MovieLens loaders: ML-100K fetched from the RecBole wheel, and the standard MovieLens files at a given path.
+"""MovieLens loaders: ML-100K fetched from the RecBole wheel, the standard MovieLens files and RecBole atomic files
+at a given path.
 
 Conventions shared by every loader here:
 
@@ -47,6 +48,7 @@ __all__ = [
     "UNKNOWN_CATEGORY",
     "load_ml100k",
     "load_movielens",
+    "load_recbole",
 ]
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
@@ -136,6 +138,23 @@ def load_movielens(path: Path) -> RawDataset:
     raise DataError(
         f"{path}: unknown MovieLens file name (expected u.data, ratings.dat, ratings.csv or a RecBole <name>.inter)"
     )
+
+
+def load_recbole(path: Path) -> RawDataset:
+    """RecBole atomic files at `path`: a folder holding exactly one `<name>.inter`, or that file; `<name>.user` and
+    `<name>.item` beside it are optional, as for `load_movielens`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (expected RecBole atomic files, <name>.inter)")
+    if path.is_dir():
+        found = sorted(p for p in path.glob("*.inter") if p.is_file())
+        if len(found) != 1:
+            names = ", ".join(p.name for p in found) or "none"
+            raise DataError(f"{path}: expected exactly one RecBole <name>.inter in this folder, found {names}")
+        path = found[0]
+    if path.suffix != ".inter":
+        raise DataError(f"{path}: not a RecBole interaction file (expected <name>.inter)")
+    return _load_atomic(path)
 
 
 # ------------------------------------------------------------------------------------------------ per-format loaders

@@ -9,53 +9,69 @@ from pathlib import Path
 
 from dccl_sim.config import DataConfig
 from dccl_sim.data.build import BuiltDataset, build_dataset
-from dccl_sim.data.movielens import load_ml100k, load_movielens
-from dccl_sim.data.raw import RawDataset
+from dccl_sim.data.raw import DataError, RawDataset
+from dccl_sim.data.sources.base import SettingsInput, is_dataset_dir, request_for, resolve_source, source_settings
 from dccl_sim.data.store import new_temp_path, read_meta, write_dataset
-from dccl_sim.data.synthetic import generate_synthetic
 
 # settings that do not change the samples, so they do not change the cache key
 _NOT_IN_KEY = {"cache_dir", "pretrain_frac", "windows"}
 
-
-def load_raw(config: DataConfig, seed: int, num_devices: int | None = None) -> RawDataset:
-    """The raw interactions `config.source` names (`ml100k`, `synthetic`, or a MovieLens path)."""
-    if config.source == "ml100k":
-        return load_ml100k(Path(config.cache_dir).expanduser())
-    if config.source == "synthetic":
-        return generate_synthetic(config.synthetic, num_devices or config.num_devices or 1000, seed)
-    return load_movielens(Path(config.source).expanduser())
+__all__ = ["build", "cache_key", "is_dataset_dir", "load_raw", "prepare_dataset", "write_to"]
 
 
-def build(config: DataConfig, seed: int) -> BuiltDataset:
+def load_raw(
+    config: DataConfig, seed: int, num_devices: int | None = None, settings: SettingsInput = None
+) -> RawDataset:
+    """The raw interactions of the source `config.source` names, called with its request (`num_devices`, when
+    given, overrides `config.num_devices`)."""
+    source, request = request_for(config, seed, num_devices, settings)
+    raw = source(request)
+    if not isinstance(raw, RawDataset):
+        raise DataError(f"data source {config.source!r} returned {type(raw).__name__}, not a RawDataset")
+    return raw
+
+
+def build(config: DataConfig, seed: int, settings: SettingsInput = None) -> BuiltDataset:
     """Build the dataset in memory (no files written)."""
-    return build_dataset(load_raw(config, seed), config, seed)
+    return build_dataset(load_raw(config, seed, settings=settings), config, seed)
 
 
-def is_dataset_dir(source: str) -> bool:
-    return "://" in source or (Path(source).expanduser() / "meta.json").is_file()
+def cache_key(config: DataConfig, seed: int, settings: SettingsInput = None) -> str:
+    """The cached dataset's folder name: the source's name and a digest of everything that shapes the samples.
 
-
-def cache_key(config: DataConfig, seed: int) -> str:
-    values = config.model_dump(mode="json", exclude=_NOT_IN_KEY)
-    if config.source not in ("ml100k", "synthetic"):
-        values["source"] = str(Path(config.source).expanduser().resolve())
-    if config.source != "synthetic":
+    The digest of an `ml100k` or `synthetic` config is what it was before sources were plug-ins (existing caches and
+    the reference runs depend on it): `path` and the source's settings enter it only when there are some.
+    """
+    source, legacy_path = resolve_source(config.source)
+    if source is None:
+        raise DataError(f"data.source {config.source!r} is a built dataset; it has no cache key")
+    values = config.model_dump(mode="json", exclude=_NOT_IN_KEY | {"path"})
+    name = config.source
+    if legacy_path is not None:  # a bare path in data.source: keyed by where it resolves, named by its last part
+        values["source"] = str(legacy_path.resolve())
+        name = legacy_path.name
+    elif config.path is not None:
+        path = Path(config.path).expanduser().resolve()
+        values["path"] = str(path)
+        name = f"{config.source}-{path.name}"
+    if config.source != "synthetic":  # data.synthetic shapes the generator's data only
         values.pop("synthetic")
+    resolved = source_settings(source, settings)
+    if resolved is not None:
+        values["settings"] = resolved.model_dump(mode="json")
     digest = hashlib.sha256(json.dumps([values, seed], sort_keys=True).encode()).hexdigest()[:12]
-    name = config.source if config.source in ("ml100k", "synthetic") else Path(config.source).name
-    return f"{name}-{digest}"
+    return f"{name.replace(':', '.')}-{digest}"  # a module:function reference names no folder
 
 
-def prepare_dataset(config: DataConfig, seed: int) -> str:
+def prepare_dataset(config: DataConfig, seed: int, settings: SettingsInput = None) -> str:
     """The dataset directory for this config: `source` itself when it is one, else a cached build."""
     if is_dataset_dir(config.source):
         read_meta(config.source)
         return config.source
-    root = Path(config.cache_dir).expanduser() / "datasets" / cache_key(config, seed)
+    root = Path(config.cache_dir).expanduser() / "datasets" / cache_key(config, seed, settings)
     if (root / "meta.json").is_file():
         return str(root)
-    write_to(build(config, seed), root)
+    write_to(build(config, seed, settings), root)
     return str(root)
 
 
