@@ -35,12 +35,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dccl_sim tests experiments
-	$(VENV)/bin/ruff format --check dccl_sim tests experiments
+	$(VENV)/bin/ruff check dccl_sim tests experiments examples
+	$(VENV)/bin/ruff format --check dccl_sim tests experiments examples
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format dccl_sim tests experiments
-	$(VENV)/bin/ruff check --fix dccl_sim tests experiments
+	$(VENV)/bin/ruff format dccl_sim tests experiments examples
+	$(VENV)/bin/ruff check --fix dccl_sim tests experiments examples
 
 data: $(STAMP)
 	$(VENV)/bin/dccl-sim data ml100k --out data/ml100k

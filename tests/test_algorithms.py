@@ -30,7 +30,7 @@ from dccl_sim.config import CloudConfig, DeviceConfig, ModelConfig, PatchConfig,
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.hosts.device import group_by_device, newest_slice_starts
 from dccl_sim.models.base import ModelSpec
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.din import DIN
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 from dccl_sim.runtime.session import run
 
@@ -46,9 +46,9 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _models(seed: int = 0) -> tuple[CloudModel, MetaPatch]:
+def _models(seed: int = 0) -> tuple[DIN, MetaPatch]:
     torch.manual_seed(seed)
-    model = CloudModel(ModelSpec(30, 3, (2, 4), np.arange(31) % 3), ModelConfig())
+    model = DIN(ModelSpec(30, 3, (2, 4), np.arange(31) % 3), ModelConfig())
     patch = MetaPatch(model.hidden_sizes, K_PATCH, RANK)
     for module in (model, patch):
         module.requires_grad_(False)
@@ -56,7 +56,7 @@ def _models(seed: int = 0) -> tuple[CloudModel, MetaPatch]:
     return model, patch
 
 
-def _samples(sizes: list[int], model: CloudModel, gate_frac: float = 0.3, seed: int = 0) -> LocalSamples:
+def _samples(sizes: list[int], model: DIN, gate_frac: float = 0.3, seed: int = 0) -> LocalSamples:
     """Synthetic z_0 rows for devices of the given sizes, with labels that depend on the device (so patches learn)."""
     generator = torch.Generator().manual_seed(seed)
     total = sum(sizes)
@@ -262,11 +262,11 @@ def test_teacher_weights() -> None:
     assert distill_weight(CloudConfig(beta=0.4, beta_decay=0.5), 2) == pytest.approx(0.1)
 
 
-def _cloud_model_for(built) -> CloudModel:
+def _cloud_model_for(built) -> DIN:
     torch.manual_seed(0)
     meta = built.meta
     spec = ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
-    return CloudModel(spec, ModelConfig())
+    return DIN(spec, ModelConfig())
 
 
 def test_momodistill_with_zero_beta_is_plain_finetuning(synthetic_small) -> None:
@@ -362,9 +362,7 @@ def _bootstrapped(built, table: str, cache_bytes: int, monkeypatch) -> tuple[Met
     monkeypatch.setattr(cloud_steps, "Z0_CACHE_BYTES", cache_bytes)
     torch.manual_seed(0)
     meta = built.meta
-    model = CloudModel(
-        ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
-    )
+    model = DIN(ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category))
     patch = MetaPatch(model.hidden_sizes, K_PATCH, RANK)
     indices = np.flatnonzero(built.data.split == SPLIT_TRAIN)[:3000]
     config = PatchConfig(k=K_PATCH, rank=RANK, bootstrap_epochs=2, bootstrap_table=table)

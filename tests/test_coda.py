@@ -26,7 +26,7 @@ from dccl_sim.algorithms.metapatch_step import LocalSamples, loss_per_device
 from dccl_sim.config import ConfigError, DeviceConfig, ModelConfig, load_config
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.models.base import ModelSpec
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.din import DIN
 from dccl_sim.models.metapatch import MetaPatch
 from dccl_sim.runtime.ray_runtime import RayRuntime
 from dccl_sim.runtime.session import resume_state, run
@@ -72,11 +72,11 @@ def test_coda_settings_that_run() -> None:
 # ---------------------------------------------------------------- cloud: retrieval
 
 
-def _cloud_model(built) -> CloudModel:
+def _cloud_model(built) -> DIN:
     torch.manual_seed(0)
     meta = built.meta
     spec = ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
-    return CloudModel(spec, ModelConfig())
+    return DIN(spec, ModelConfig())
 
 
 def _pool(data, round_index: int) -> np.ndarray:
@@ -205,15 +205,15 @@ def test_selection_rules() -> None:
 # ---------------------------------------------------------------- device: packed == single
 
 
-def _models() -> tuple[CloudModel, MetaPatch]:
+def _models() -> tuple[DIN, MetaPatch]:
     torch.manual_seed(0)
     spec = ModelSpec(30, 3, (2, 4), np.arange(31) % 3)
-    model = CloudModel(spec, ModelConfig(embed_dim=8, mlp_hidden=(24, 12)))
+    model = DIN(spec, ModelConfig(embed_dim=8, mlp_hidden=(24, 12)))
     patch = MetaPatch(model.hidden_sizes, K_PATCH, 4)
     return model.requires_grad_(False).eval(), patch.requires_grad_(False).eval()
 
 
-def _device_data(model: CloudModel, sizes: list[int], candidate_counts: list[int]):
+def _device_data(model: DIN, sizes: list[int], candidate_counts: list[int]):
     """Local x and candidates for devices of the given sizes; labels depend on the device so patches learn."""
     generator = torch.Generator().manual_seed(1)
     total = sum(sizes)

@@ -11,14 +11,14 @@ from dccl_sim.config import ModelConfig
 from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, Batch
 from dccl_sim.models import din
 from dccl_sim.models.base import ModelSpec
-from dccl_sim.models.din import CloudModel, HistoryPositions, gather_rows
+from dccl_sim.models.din import DIN, HistoryPositions, gather_rows
 from dccl_sim.models.training import fit, predict
 
 
-def _model(num_items: int = 20, seed: int = 0, **config) -> CloudModel:
+def _model(num_items: int = 20, seed: int = 0, **config) -> DIN:
     torch.manual_seed(seed)
     category = np.arange(num_items + 1) % 4
-    return CloudModel(ModelSpec(num_items, 4, (2, 3), category), ModelConfig(**config))
+    return DIN(ModelSpec(num_items, 4, (2, 3), category), ModelConfig(**config))
 
 
 def _batch(n: int = 6, length: int = 5, num_items: int = 20) -> Batch:
@@ -52,7 +52,7 @@ def test_an_empty_batch_scores_to_an_empty_tensor(layout: str) -> None:
     assert model.features(empty).shape[0] == 0
 
 
-def _attention_by_concatenation(model: CloudModel, batch: Batch, *, dense: bool = False) -> torch.Tensor:
+def _attention_by_concatenation(model: DIN, batch: Batch, *, dense: bool = False) -> torch.Tensor:
     """The attention MLP on [e_h, e_t, e_h - e_t, e_h * e_t] at every position ([N, L] if `dense`), or at the
     valid ones in row-major order."""
     table = model.item_table()
@@ -97,7 +97,7 @@ def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     return request.param
 
 
-def _attention(model: CloudModel, batch: Batch) -> torch.Tensor:
+def _attention(model: DIN, batch: Batch) -> torch.Tensor:
     """The model's attention logits, at the valid (non-padding) positions in row-major order."""
     table = model.item_table()
     positions = HistoryPositions.of(batch.history)
@@ -177,9 +177,7 @@ def test_training_on_ml100k_users_beats_chance(ml100k_small) -> None:
     data = built.data
     torch.manual_seed(0)
     meta = built.meta
-    model = CloudModel(
-        ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
-    )
+    model = DIN(ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category))
     train = np.flatnonzero(data.split == SPLIT_TRAIN)
     test = np.flatnonzero(data.split == SPLIT_TEST)
     losses = fit(model, data, train, epochs=3, batch_size=256, lr=3e-3, history_len=20, seed_keys=(0,))

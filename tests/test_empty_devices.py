@@ -9,13 +9,13 @@ from conftest import round_context
 from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step
 from dccl_sim.config import DeviceConfig
 from dccl_sim.models.base import ModelSpec
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.din import DIN
 from dccl_sim.models.metapatch import MetaPatch
 
 
 def test_a_device_with_no_local_samples_keeps_the_cloud_model() -> None:
     torch.manual_seed(0)
-    model = CloudModel(ModelSpec(10, 2, (), np.arange(11) % 2)).requires_grad_(False)
+    model = DIN(ModelSpec(10, 2, (), np.arange(11) % 2)).requires_grad_(False)
     patch = MetaPatch(model.hidden_sizes, k=4, rank=2).requires_grad_(False)
     z0 = torch.relu(torch.randn(30, model.hidden_sizes[0]))
     label = (torch.arange(30) % 2).float()

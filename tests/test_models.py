@@ -23,7 +23,6 @@ from dccl_sim.models.base import ModelSpec, Recommender
 from dccl_sim.models.din import DIN
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 from dccl_sim.models.sasrec import SASRec
-from dccl_sim.runtime import latency
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from record import SETTINGS, STRATEGIES
@@ -143,14 +142,15 @@ def test_functional_head_equals_the_head_in_value_and_gradient(ml100k_small, nam
 
 
 def test_din_flops_are_the_latency_models(ml100k_small) -> None:
+    """The deployment model's per-sample FLOPs, worked by hand for the defaults (d = 32, attention 4d → 36 → 1,
+    3 profile fields of 8, top MLP 120 → 200 → 80 → 1, k = r = 16) at L = 20."""
+    assert L == 20 and len(ml100k_small.meta.profile_cardinalities) == 3
     model = _model(ml100k_small, "din")
-    fields = len(ml100k_small.meta.profile_cardinalities)
-    expected = latency.flops_per_sample(SimConfig(), fields)
-    assert model.feature_flops(L) == expected["features"]
-    assert model.head_flops() == expected["head"]
-    assert model.first_hidden_flops() == expected["first_hidden"]
+    assert model.feature_flops(L) == 20 * (2 * 128 * 36 + 2 * 36 * 1) + 4 * 20 * 32 == 188_320
+    assert model.head_flops() == 2 * 120 * 200 + 2 * 200 * 80 + 2 * 80 == 80_160
+    assert model.first_hidden_flops() == 2 * 120 * 200
     patch = MetaPatch(model.hidden_sizes, SimConfig().patch.k, SimConfig().patch.rank)
-    assert patch.flops_per_sample() == expected["patch"]
+    assert patch.flops_per_sample() == sum(2 * h * 16 + 2 * 16 * 16 * h for h in (200, 80)) == 152_320
 
 
 @pytest.mark.parametrize("name", MODELS)

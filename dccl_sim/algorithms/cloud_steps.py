@@ -11,7 +11,7 @@ from dccl_sim.algorithms.metapatch_step import patched_logits
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, PatchConfig
 from dccl_sim.data.device_data import Batch, DeviceData
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.base import Recommender
 from dccl_sim.models.encoder import PatchEncoder
 from dccl_sim.models.metapatch import MetaPatch
 from dccl_sim.models.training import SCORING_CHUNK, ExtraLoss, fit
@@ -50,7 +50,9 @@ def _in_chunks(compute, indices: np.ndarray, width: int, chunk: int) -> torch.Te
 
 
 @torch.no_grad()
-def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK):
+def features_of(
+    model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK
+):
     """The top-MLP input x of the given samples under a frozen model, computed in chunks to bound memory."""
     model.eval()
     return _in_chunks(lambda part: model.features(data.batch(part, history_len)), indices, model.input_dim, chunk)
@@ -58,7 +60,7 @@ def features_of(model: CloudModel, data: DeviceData, indices: np.ndarray, histor
 
 @torch.no_grad()
 def first_hidden_of(
-    model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK
+    model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int, chunk: int = SCORING_CHUNK
 ):
     """z_0 of the given samples under a frozen model."""
     model.eval()
@@ -90,7 +92,7 @@ def whole_device_chunks(device_rows: np.ndarray, chunk: int) -> list[tuple[int, 
 
 @torch.no_grad()
 def teacher_logits(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     data: DeviceData,
     indices: np.ndarray,
@@ -113,7 +115,7 @@ def teacher_logits(
 
 
 @torch.no_grad()
-def cloud_logits(model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int) -> torch.Tensor:
+def cloud_logits(model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int) -> torch.Tensor:
     """f(x; W) of the given samples, without patches."""
     return model.head_from_first(first_hidden_of(model, data, indices, history_len))
 
@@ -127,7 +129,7 @@ Z0_CACHE_BYTES = 2**31
 class FirstHiddenSource:
     """z_0 of fixed samples under a frozen model, by position in `indices`: cached or computed per minibatch."""
 
-    def __init__(self, model: CloudModel, data: DeviceData, indices: np.ndarray, history_len: int) -> None:
+    def __init__(self, model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int) -> None:
         self.model, self.data, self.indices, self.history_len = model, data, indices, history_len
         fits = len(indices) * model.hidden_sizes[0] * 4 <= Z0_CACHE_BYTES
         self.cached = first_hidden_of(model, data, indices, history_len) if fits else None
@@ -139,7 +141,7 @@ class FirstHiddenSource:
 
 
 def bootstrap_patch(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     data: DeviceData,
     indices: np.ndarray,
@@ -195,7 +197,7 @@ def bootstrap_patch(
 
 
 def finetune(
-    model: CloudModel,
+    model: Recommender,
     data: DeviceData,
     indices: np.ndarray,
     config: CloudConfig,
@@ -244,7 +246,7 @@ def teacher_weights(
 
 
 def momodistill_step(
-    model: CloudModel,
+    model: Recommender,
     data: DeviceData,
     indices: np.ndarray,
     teachers: torch.Tensor,
@@ -276,7 +278,7 @@ def momodistill_step(
 
 
 def patch_space_update(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     encoder: PatchEncoder,
     data: DeviceData,

@@ -27,7 +27,7 @@ from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import DeviceConfig
 from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import DeviceData
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.base import Recommender
 from dccl_sim.models.metapatch import MetaPatch
 from dccl_sim.seeding import seeded_generator
 
@@ -80,7 +80,7 @@ _STANDARDIZE_EPS = 1e-6
 
 
 @torch.no_grad()
-def user_representations(model: CloudModel, data: DeviceData, pool: np.ndarray, history_len: int) -> torch.Tensor:
+def user_representations(model: Recommender, data: DeviceData, pool: np.ndarray, history_len: int) -> torch.Tensor:
     """[D, d] unit vectors, one per device row of `data`: the mean item embedding (item + category, the cloud
     model's own table) of the device's newest positive in `pool` and the `history_len` items before it. Devices
     without a positive in the pool get a zero row (similar to nobody)."""
@@ -88,7 +88,7 @@ def user_representations(model: CloudModel, data: DeviceData, pool: np.ndarray, 
     device = data.sample_device[positives]
     # samples are sorted by (device, split, position): a device's newest positive is the last of its run
     newest = positives[np.append(device[1:] != device[:-1], True)] if len(positives) else positives
-    reps = torch.zeros(data.num_devices, model.item_embedding.embedding_dim)
+    reps = torch.zeros(data.num_devices, model.item_table().shape[1])
     if len(newest) == 0:
         return reps
     batch = data.batch(newest, history_len)
@@ -153,7 +153,7 @@ def draw_candidates(
 
 
 def candidate_table(
-    model: CloudModel, data: DeviceData, offsets: np.ndarray, samples: np.ndarray, history_len: int, dtype: str
+    model: Recommender, data: DeviceData, offsets: np.ndarray, samples: np.ndarray, history_len: int, dtype: str
 ) -> Augmentation:
     """The broadcast form of drawn candidates: each distinct sample's top-MLP input x under the frozen (broadcast)
     model, in the wire dtype, and its label; participants index the table."""
@@ -274,7 +274,7 @@ def augmented_samples(
 
 
 def coda_device_step(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     local: LocalSamples,
     local_x: torch.Tensor,

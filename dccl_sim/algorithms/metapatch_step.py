@@ -19,7 +19,7 @@ from dccl_sim.algorithms.schedule import minibatch_schedule
 from dccl_sim.config import DeviceConfig
 from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import index_ranges
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.base import Recommender
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 
 
@@ -71,7 +71,7 @@ GROUPED_MIN_ROWS = 16
 
 
 def patched_logits(
-    model: CloudModel, patch: MetaPatch, z0: torch.Tensor, theta: torch.Tensor, device: torch.Tensor
+    model: Recommender, patch: MetaPatch, z0: torch.Tensor, theta: torch.Tensor, device: torch.Tensor
 ) -> torch.Tensor:
     """Logits of samples whose row n belongs to the device with meta-patch theta[device[n]]."""
     active, group, counts = torch.unique(device, return_inverse=True, return_counts=True)
@@ -104,7 +104,7 @@ def mean_per_device(
 
 
 def loss_per_device(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     z0: torch.Tensor,
     label: torch.Tensor,
@@ -120,7 +120,7 @@ def loss_per_device(
 
 
 def train_patches(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     samples: LocalSamples,
     starts: np.ndarray,
@@ -154,7 +154,7 @@ def _rows(starts: np.ndarray, ends: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def holdout_gate(model: CloudModel, patch: MetaPatch, samples: LocalSamples, theta: torch.Tensor) -> np.ndarray:
+def holdout_gate(model: Recommender, patch: MetaPatch, samples: LocalSamples, theta: torch.Tensor) -> np.ndarray:
     """True where θ lowers the loss on the device's newest slice compared with θ = 0 (the cloud model). The slice
     holds only the device's own samples, each of weight 1."""
     rows, device = _rows(samples.holdout_start, samples.ends)
@@ -169,7 +169,7 @@ def holdout_gate(model: CloudModel, patch: MetaPatch, samples: LocalSamples, the
 
 
 def metapatch_device_step(
-    model: CloudModel,
+    model: Recommender,
     patch: MetaPatch,
     samples: LocalSamples,
     theta_start: torch.Tensor,

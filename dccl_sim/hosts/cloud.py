@@ -61,6 +61,10 @@ class DeviceInfo:
     num_buckets: int
 
 
+def _dump(settings: object) -> object:
+    return settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
+
+
 class CloudHost:
     """Holds the cloud's models, its data view and the strategy's cloud-side state."""
 
@@ -138,6 +142,7 @@ class CloudHost:
         parts = {
             "seed": c.seed,
             "model": c.model.model_dump(mode="json"),
+            "model_settings": _dump(c.section(type(self.models.cloud))),
             "patch": c.patch.model_dump(mode="json"),
             "cloud": c.cloud.model_dump(mode="json", include={"pretrain_epochs", "batch_size", "lr"}),
             "data": c.data.model_dump(mode="json", exclude={"cache_dir"}),

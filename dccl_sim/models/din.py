@@ -159,7 +159,3 @@ class DIN(Recommender):
         parts = [pooled, target, pooled * target]
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
-
-
-# the name other modules import until the plug-in redesign is merged
-CloudModel = DIN
