@@ -1,4 +1,4 @@
-"""`dccl-sim run | sweep | report | data`: the command line (DESIGN.md §7)."""
+"""`dccl-sim run | sweep | report | data`: the command line (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _summary_table(built) -> Table:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from dccl_sim.data.prepare import build, write_to
+    from dccl_sim.data.prepare import build, source_settings_of, write_to
     from dccl_sim.data.store import write_dataset
 
     extra = [f"data.source={args.source}"]
@@ -82,7 +82,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         extra.append(f"data.num_devices={args.devices}")
     config = _config(args, extra)
     with console.status(f"building {args.source} samples"):
-        built = build(config.data, config.seed)
+        built = build(config.data, config.seed, source_settings_of(config))
     with console.status(f"writing Parquet to {args.out}"):
         if "://" in args.out:  # a pyarrow filesystem URI: written in place, meta.json last marks it complete
             write_dataset(built, args.out)

@@ -35,7 +35,7 @@ class Section(BaseModel):
 
 
 class SyntheticConfig(Section):
-    """The long-tail generator (DESIGN.md §2). `personal_deviation` decides how much personalization can win."""
+    """The long-tail generator (docs/design.md §2). `personal_deviation` decides how much personalization can win."""
 
     num_items: PositiveInt = 2000
     num_categories: PositiveInt = 20
@@ -50,7 +50,7 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    """Where samples come from and how they are cut (DESIGN.md §2 and §4)."""
+    """Where samples come from and how they are cut (docs/design.md §2 and §4)."""
 
     # a built-in source (ml100k, synthetic, movielens, recbole, table), a user's `module:function`, a dataset directory
     # (holding meta.json) or URI, or (the older form of `movielens`) a path to MovieLens or RecBole files
@@ -115,7 +115,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """The cloud model (DESIGN.md §3): `name` picks the recommender family (`din`, `sasrec`, or a user's
+    """The cloud model (docs/design.md §3): `name` picks the recommender family (`din`, `sasrec`, or a user's
     `module:Class`); the sizes below are shared by every family (its own settings live in its own section)."""
 
     # the default is a built-in: resolving it here would import torch and every model module whenever
@@ -141,7 +141,7 @@ class ModelConfig(Section):
 
 
 class PatchConfig(Section):
-    """MetaPatch sizes: k floats per device, bottleneck rank r per hidden layer. Bootstrapping G (DESIGN.md §4)
+    """MetaPatch sizes: k floats per device, bottleneck rank r per hidden layer. Bootstrapping G (docs/design.md §4)
     learns Θ, {A_l} and a per-user θ table (drawn N(0, bootstrap_init_std²), L2 `bootstrap_l2`) with Adam at
     `bootstrap_lr`; `lr` is the patch-space update's (eq. 7) learning rate."""
 
@@ -196,7 +196,7 @@ class CloudConfig(Section):
 
 
 class RuntimeConfig(Section):
-    """Where the round loop runs (DESIGN.md §5)."""
+    """Where the round loop runs (docs/design.md §5)."""
 
     backend: Literal["ray", "local"] = "ray"
     address: str | None = None
@@ -215,7 +215,7 @@ class RuntimeConfig(Section):
 
 
 class LatencyConfig(Section):
-    """The deployment latency model (DESIGN.md §6): per-device profiles drawn log-normally, seeded. Devices whose
+    """The deployment latency model (docs/design.md §6): per-device profiles drawn log-normally, seeded. Devices whose
     modelled time exceeds `deadline_s` are stragglers of the modelled deployment (deterministic), unlike
     `runtime.deadline_s`, which bounds the simulator's own wall-clock gather."""
 
@@ -282,7 +282,11 @@ class SimConfig(Section):
 
     def _selected_plugins(self) -> list[Any]:
         """The plug-ins this config runs with, whose settings sections it carries."""
-        return [plugins.resolve(plugins.STRATEGY, self.strategy), plugins.resolve(plugins.MODEL, self.model.name)]
+        from dccl_sim.data.sources.base import resolve_source
+
+        source, _ = resolve_source(self.data.source)  # None: data.source names a built dataset
+        selected = [plugins.resolve(plugins.STRATEGY, self.strategy), plugins.resolve(plugins.MODEL, self.model.name)]
+        return selected + ([source] if source is not None else [])
 
     @model_validator(mode="after")
     def _plugin_sections(self) -> SimConfig:

@@ -1,4 +1,4 @@
-"""`dccl-sim report RUN_DIR`: a run directory's `report.md` with tables and PNG plots (DESIGN.md §7).
+"""`dccl-sim report RUN_DIR`: a run directory's `report.md` with tables and PNG plots (docs/design.md §7).
 
 Reads only what a run writes (`config.json`, `rounds.parquet`, `devices.parquet`), so it works on a finished, a
 stopped or a resumed run. Plots use matplotlib's Agg backend and are saved next to `report.md`:

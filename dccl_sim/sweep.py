@@ -1,4 +1,4 @@
-"""`dccl-sim sweep`: one configuration run over a grid of device counts and other settings (DESIGN.md §7).
+"""`dccl-sim sweep`: one configuration run over a grid of device counts and other settings (docs/design.md §7).
 
 The grid is the product of `--devices 10,100,1000` (the `data.num_devices` axis) and every `--set KEY=A,B,...`
 whose value has commas and is not a YAML list or quoted (`--set runtime.num_actors=1,2`); other `--set` values

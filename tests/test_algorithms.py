@@ -1,4 +1,4 @@
-"""MetaPatch, the packed device step, PackedAdam, MoMoDistill and strategy determinism (DESIGN.md §3–§4)."""
+"""MetaPatch, the packed device step, PackedAdam, MoMoDistill and strategy determinism (docs/design.md §3–§4)."""
 
 from __future__ import annotations
 

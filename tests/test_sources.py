@@ -19,7 +19,7 @@ import pytest
 from dccl_sim import plugins
 from dccl_sim.cli import main
 from dccl_sim.config import ConfigError, DataConfig, SyntheticConfig, load_config
-from dccl_sim.data.prepare import cache_key, load_raw, prepare_dataset
+from dccl_sim.data.prepare import cache_key, load_raw, prepare_dataset, prepare_run_dataset
 from dccl_sim.data.raw import DataError, RawDataset
 from dccl_sim.data.store import read_meta
 from dccl_sim.runtime.session import run
@@ -283,6 +283,20 @@ def test_a_plugin_source_gets_its_validated_settings(tmp_path: Path, monkeypatch
     # the settings are part of the dataset: other settings, another cache entry
     assert cache_key(config, 0, {"users": 6}) == cache_key(config, 0, sized_source.Settings(users=6))
     assert cache_key(config, 0, {"users": 6}) != cache_key(config, 0, {"users": 7})
+
+
+def test_a_plugin_source_reads_its_section_of_the_run_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set sized_source.users=6` is validated with the source's Settings, saved in the config, and reaches the
+    source when the run prepares its dataset."""
+    write_module(tmp_path, "sized_source", SETTINGS_PLUGIN, monkeypatch)
+    import sized_source
+
+    config = load_config(None, ["data.source=sized_source:sized", "sized_source.users=6", f"data.cache_dir={tmp_path}"])
+    assert config.model_dump(mode="json")["sized_source"] == {"users": 6, "items": sized_source.Settings().items}
+    root = prepare_run_dataset(config)
+    assert read_meta(root).num_devices == 6 and sized_source.seen[-1] == sized_source.Settings(users=6)
+    with pytest.raises(ConfigError, match=r"sized_source\.users: Input should be greater than 0"):
+        load_config(None, ["data.source=sized_source:sized", "sized_source.users=0"])
 
 
 # -------------------------------------------------------------------------------------------------------- errors

@@ -1,4 +1,4 @@
-"""CoDA (DESIGN.md §4, `coda`): cloud-coordinated data augmentation, as plain math over arrays.
+"""CoDA (docs/design.md §4, `coda`): cloud-coordinated data augmentation, as plain math over arrays.
 
 Cloud, coarse matching: users are represented by the cloud model's item embeddings of their newest interactions
 the cloud holds; each participant's most cosine-similar users (one matrix product per block of participants) supply

@@ -145,7 +145,7 @@ def with_eval_negatives(data: DeviceData, count: int, num_items: int, seed: int)
 
 
 def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDataset:
-    """Build the samples of DESIGN.md §2 and §4 from a raw dataset, seeded."""
+    """Build the samples of docs/design.md §2 and §4 from a raw dataset, seeded."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
 
     item_ids = np.unique(raw.item_ids)

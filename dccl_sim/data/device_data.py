@@ -83,7 +83,7 @@ class DeviceData:
         return (self.sample_device[idx] << QUERY_POS_BITS) | self.seq_pos[idx].astype(np.int64)
 
     def windows(self, rounds: int, pretrain_frac: float) -> np.ndarray:
-        """Per-sample time window (DESIGN.md §4): -1 pretraining, 0..rounds-1 a round's window, `rounds` for
+        """Per-sample time window (docs/design.md §4): -1 pretraining, 0..rounds-1 a round's window, `rounds` for
         validation and test samples. A device's first `pretrain_frac` of training interactions pretrain the
         cloud; the rest are cut into `rounds` equal windows by position."""
         out = np.full(self.num_samples, rounds, dtype=np.int16)

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dccl_sim.config import DataConfig
+from dccl_sim.config import DataConfig, SimConfig
 from dccl_sim.data.build import BuiltDataset, build_dataset
 from dccl_sim.data.raw import DataError, RawDataset
 from dccl_sim.data.sources.base import SettingsInput, is_dataset_dir, request_for, resolve_source, source_settings
@@ -73,6 +73,17 @@ def prepare_dataset(config: DataConfig, seed: int, settings: SettingsInput = Non
         return str(root)
     write_to(build(config, seed, settings), root)
     return str(root)
+
+
+def source_settings_of(config: SimConfig) -> SettingsInput:
+    """The run's data source's own validated settings section (None if it has none)."""
+    source, _ = resolve_source(config.data.source)
+    return config.section(source) if source is not None else None
+
+
+def prepare_run_dataset(config: SimConfig) -> str:
+    """`prepare_dataset` for a run's config, with its data source's own settings section."""
+    return prepare_dataset(config.data, config.seed, source_settings_of(config))
 
 
 def write_to(built: BuiltDataset, root: Path) -> None:

@@ -1,4 +1,4 @@
-"""A seeded, vectorized long-tail recommendation data generator (DESIGN.md §2).
+"""A seeded, vectorized long-tail recommendation data generator (docs/design.md §2).
 
 The world it simulates:
 

@@ -97,7 +97,7 @@ class CloudHost:
     # ---------------------------------------------------------------- what the driver calls
 
     def pretrain(self, cache_dir: str | None) -> dict[str, float]:
-        """Central pretraining on every device's pretraining window, then bootstrapping G (DESIGN.md §4).
+        """Central pretraining on every device's pretraining window, then bootstrapping G (docs/design.md §4).
 
         Cached by everything that decides the result, so strategies compared on one dataset and seed share it."""
         path = Path(cache_dir) / f"{self._pretrain_key()}.pt" if cache_dir else None

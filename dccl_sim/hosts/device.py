@@ -126,7 +126,7 @@ class DeviceHost:
             load_numpy_state(self.models.patch, broadcast.patch_state)
 
     def local_samples(self, device_ids: np.ndarray, round_index: int) -> RoundSamples:
-        """What a device holds in round t: its training samples of windows up to t (DESIGN.md §4)."""
+        """What a device holds in round t: its training samples of windows up to t (docs/design.md §4)."""
         mask = (self.data.split == SPLIT_TRAIN) & (self.window <= round_index)
         return group_by_device(self.data, device_ids, mask)
 

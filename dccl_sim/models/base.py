@@ -1,4 +1,4 @@
-"""The recommender contract (DESIGN.md §3, §8): what every cloud model offers the algorithms and the latency model.
+"""The recommender contract (docs/design.md §3, §8): what every cloud model offers the algorithms and the latency model.
 
 A recommender is a feature extractor (its own family: DIN's target attention, a sequence encoder, ...) feeding
 the top MLP that every model shares, implemented here. The algorithms rely on this split:

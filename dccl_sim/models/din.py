@@ -1,4 +1,4 @@
-"""The cloud recommender f(x; W): a DIN-style model (DESIGN.md §3).
+"""The cloud recommender f(x; W): a DIN-style model (docs/design.md §3).
 
 Items are embedded as item + category embeddings; the history is pooled with attention weights from
 `MLP([e_h, e_t, e_h - e_t, e_h * e_t])` (masked softmax over the valid positions; when many are padding, only those

@@ -1,4 +1,4 @@
-"""E_ψ(profile, θ̂) → θ̃: the cloud's encoder of next round's starting meta-patch (DESIGN.md §4, eq. 7)."""
+"""E_ψ(profile, θ̂) → θ̃: the cloud's encoder of next round's starting meta-patch (docs/design.md §4, eq. 7)."""
 
 from __future__ import annotations
 

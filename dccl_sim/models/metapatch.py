@@ -1,4 +1,4 @@
-"""MetaPatch (DESIGN.md §3): residual bottleneck patches on the top MLP's hidden layers.
+"""MetaPatch (docs/design.md §3): residual bottleneck patches on the top MLP's hidden layers.
 
 Hidden layer l (output z_l, width d_l) becomes z_l + h_l(z_l) with h_l(z) = B_l tanh(A_l z),
 A_l ∈ R^{r×d_l} and B_l ∈ R^{d_l×r}. The global patch parameters G = (Θ, {A_l}) are shared; a device holds

@@ -1,4 +1,4 @@
-"""A SASRec-style sequence encoder (Kang & McAuley, ICDM 2018) in place of DIN's target attention (DESIGN.md §8).
+"""A SASRec-style sequence encoder (Kang & McAuley, ICDM 2018) in place of DIN's target attention (docs/design.md §8).
 
 Items are embedded as DIN's (item + category embeddings, `item_table`). The history is encoded by `blocks`
 pre-LayerNorm Transformer blocks (causal multi-head self-attention over the valid positions, then a point-wise

@@ -1,4 +1,4 @@
-"""The round loop, written once against `Runtime` (DESIGN.md §4–§6).
+"""The round loop, written once against `Runtime` (docs/design.md §4–§6).
 
 Per round: sample participants (seeded, minus devices the deployment model makes unavailable or late), have the
 cloud broadcast once, run the device packs, update the cloud with what came back, evaluate, record. The loop

@@ -1,4 +1,4 @@
-"""The deployment latency model (DESIGN.md §6), as FedScale does it.
+"""The deployment latency model (docs/design.md §6), as FedScale does it.
 
 Every device gets a profile — compute speed (FLOP/s), down and up bandwidth (bytes/s), availability — drawn
 log-normally around the configured medians from (seed, device id) alone, so a device keeps its profile

@@ -1,4 +1,4 @@
-"""The Ray runtime: a CloudActor and DeviceActors wrapping the plain hosts (DESIGN.md §5).
+"""The Ray runtime: a CloudActor and DeviceActors wrapping the plain hosts (docs/design.md §5).
 
 The cloud's broadcast is the return value of one actor call, so it lands in the object store once and every
 pack reads it by reference (NumPy arrays zero-copy on a node). Results come back in completion order through

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
-from dccl_sim.data.prepare import prepare_dataset
+from dccl_sim.data.prepare import prepare_run_dataset
 from dccl_sim.data.store import read_meta
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime.base import Runtime
@@ -59,7 +59,7 @@ def run(
     try:
         for observer in observers:
             observer.on_phase(state.next_round if state else 0, "preparing data")
-        root = prepare_dataset(config.data, config.seed)
+        root = prepare_run_dataset(config)
         dataset = Dataset(root, read_meta(root).num_devices)
         return run_rounds(config, runtime, dataset, observers, state)
     finally:

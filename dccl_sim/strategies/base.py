@@ -84,7 +84,7 @@ class Strategy(ABC):
     ) -> PackResult:
         """The round for the given participants (sorted ids, all on this host); `device.result` packages it."""
 
-    # ---------------------------------------------------------------- deployment model (DESIGN.md §6)
+    # ---------------------------------------------------------------- deployment model (docs/design.md §6)
 
     def transfer_bytes(self, cost: ModelCost) -> tuple[int, int]:
         """(download, upload) bytes per participating device: the model (and G where it is sent), nothing up."""

@@ -32,7 +32,7 @@ from dccl_sim.strategies.metapatch import MetaPatch, patched_scores
 
 
 class CodaSettings(Section):
-    """The `coda` section: cloud-coordinated data augmentation for the device model (DESIGN.md §4).
+    """The `coda` section: cloud-coordinated data augmentation for the device model (docs/design.md §4).
 
     Cloud, coarse matching: each user is represented by the mean cloud-model item embedding of the newest
     `history_len` + 1 items the cloud holds for it; a participant's `neighbours` most cosine-similar users (never

@@ -1,5 +1,5 @@
 """`dccl`: MetaPatch on the devices from the cloud's starting meta-patch θ̃, MoMoDistill (eq. 5) and the
-patch-space update (eq. 7) on the cloud (DESIGN.md §4)."""
+patch-space update (eq. 7) on the cloud (docs/design.md §4)."""
 
 from __future__ import annotations
 
