@@ -1,4 +1,4 @@
-"""CoDA (docs/design.md §4, `coda`): config, the cloud's retrieval, the device's filter, packed == single, whole runs."""
+"""CoDA (docs/design.md §4, `coda`): config, retrieval, the device's filter, packed == single, whole runs."""
 
 from __future__ import annotations
 
