@@ -1,6 +1,6 @@
 """Centralized test AUC of the DIN cloud model against a popularity baseline on MovieLens-100K.
 
-For each seed: build the samples (`config.data`, negatives drawn with that seed), train a `CloudModel` with `fit`
+For each seed: build the samples (`config.data`, negatives drawn with that seed), train a `DIN` with `fit`
 on every training-split sample (all windows: no pretraining / round split here), then score the validation and
 test splits with the model and with a popularity baseline (an item's number of positive training interactions)
 and compute AUC, GAUC, HR@k and NDCG@k overall and on the tail activity bucket (bucket 0) with `metrics.evaluate`.
@@ -29,12 +29,13 @@ from cli_args import csv_list
 from rich.console import Console
 from rich.table import Table
 
-from dccl_sim import metrics
-from dccl_sim.config import ConfigError, SimConfig, load_config
+# Internals on purpose: the public API runs whole simulations; this script trains one model centrally on every
+# training sample, outside the round loop, so it needs the dataset builder, the model, `fit` / `predict` and metrics.
+from dccl_sim import ConfigError, SimConfig, load_config, metrics
 from dccl_sim.data.device_data import SPLIT_NAMES, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
 from dccl_sim.data.prepare import build
 from dccl_sim.models.base import ModelSpec
-from dccl_sim.models.din import CloudModel
+from dccl_sim.models.din import DIN
 from dccl_sim.models.training import fit, predict
 
 DEFAULT_EPOCHS = 6
@@ -117,7 +118,7 @@ def run_seed(config: SimConfig, seed: int, epochs: int, log: Console | None = No
 
     torch.manual_seed(seed)
     spec = ModelSpec(meta.num_items, meta.num_categories, tuple(meta.profile_cardinalities), built.item_category)
-    model = CloudModel(spec, config.model)
+    model = DIN(spec, config.model)
     start = time.perf_counter()
     losses = fit(
         model,

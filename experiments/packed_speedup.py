@@ -24,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dccl_sim.algorithms.device_side import RoundSamples
+# internals on purpose: this measures the device step itself (`metapatch_device_step` on a device host's samples),
+# which the public API only runs inside whole rounds
+from dccl_sim import load_config
 from dccl_sim.algorithms.metapatch_step import LocalSamples, metapatch_device_step
-from dccl_sim.config import load_config
+from dccl_sim.context import RoundContext
 from dccl_sim.data.prepare import prepare_dataset
-from dccl_sim.runtime.roles import CloudRole, DeviceRole
+from dccl_sim.hosts.cloud import CloudHost
+from dccl_sim.hosts.device import DeviceHost, RoundSamples
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "packed_speedup.json"
 
@@ -68,29 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ["device.local_epochs=1", "device.gate=false", *args.overrides]
     config = load_config(None, ["strategy=metapatch", "runtime.backend=local", *overrides])
     root = prepare_dataset(config.data, config.seed)
-    cloud = CloudRole(config, root)
+    cloud = CloudHost(config, root)
     cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"))
-    ids = np.arange(cloud.side.data.num_devices, dtype=np.int64)
+    ids = np.arange(cloud.data.num_devices, dtype=np.int64)
     broadcast = cloud.broadcast(args.round, ids)
-    side = DeviceRole(config, root, ids).side
-    side.load(broadcast)
-    local: RoundSamples = side.local_samples(ids, args.round)
+    host = DeviceHost(config, root, ids)
+    host.load(broadcast)
+    local: RoundSamples = host.local_samples(ids, args.round)
     tic = time.perf_counter()
-    real = side.patch_samples(ids, local)
+    real = host.patch_samples(ids, local)
     z0_s = time.perf_counter() - tic
     rows = np.arange(args.devices) % len(ids)
     samples = cycled(real, rows, first_id=0)
-    model, patch, device = side.models.cloud, side.models.patch, config.device
+    model, patch, device = host.models.cloud, host.models.patch, config.device
     start = torch.zeros(args.devices, config.patch.k)
+    # the round's random streams; the cycled devices' fresh ids 0.. key their draws
+    ctx = RoundContext(config, args.round, samples.device_ids)
 
     packed_times = []
     for _ in range(args.repeats):
         tic = time.perf_counter()
-        packed = metapatch_device_step(model, patch, samples, start, device, config.seed, args.round)
+        packed = metapatch_device_step(model, patch, samples, start, device, ctx)
         packed_times.append(time.perf_counter() - tic)
     tic = time.perf_counter()
     looped = [
-        metapatch_device_step(model, patch, samples.alone(m), start[m : m + 1], device, config.seed, args.round)
+        metapatch_device_step(model, patch, samples.alone(m), start[m : m + 1], device, ctx)
         for m in range(args.devices)
     ]
     loop_s = time.perf_counter() - tic

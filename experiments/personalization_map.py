@@ -37,9 +37,11 @@ import numpy as np
 import torch
 from cli_args import csv_list
 
-from dccl_sim.config import ConfigError, load_config
-from dccl_sim.report import bucket_column_labels, bucket_gauc, read_run
-from dccl_sim.runtime.session import run
+from dccl_sim import ConfigError, load_config, load_run, run
+
+# Not in the public API: the per-activity-bucket GAUC pooled from devices.parquet's per-device AUCs exactly as the
+# round records pool them, and its column labels (dccl_sim.report's, so the tables match `dccl-sim report`).
+from dccl_sim.report import bucket_column_labels, bucket_gauc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGIME = ("data.source=synthetic", "data.history_len=5", "data.synthetic.mean_interactions=50")
@@ -67,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_devices(overrides: list[str], work_dir: Path, name: str) -> dict[str, np.ndarray]:
     config = load_config(None, [*overrides, f"output.out_dir={work_dir / name}", "output.progress=false"])
     run(config)
-    _, _, devices = read_run(work_dir / name)
-    return devices
+    devices = load_run(work_dir / name, table_format="arrow").devices
+    return {column: devices[column].to_numpy() for column in devices.column_names}
 
 
 def measure(deviation: float, seed: int, args: argparse.Namespace, work_dir: Path, n_buckets: int) -> dict:

@@ -35,14 +35,16 @@ import numpy as np
 import torch
 from cli_args import csv_list
 
-from dccl_sim.config import STRATEGIES, ConfigError, load_config
-from dccl_sim.report import bucket_column_labels, bucket_gauc, read_run
-from dccl_sim.runtime.session import run
+from dccl_sim import ConfigError, load_config, load_run, run
+
+# Not in the public API: the per-activity-bucket GAUC pooled from devices.parquet's per-device AUCs exactly as the
+# round records pool them, and its column labels (dccl_sim.report's, so the tables match `dccl-sim report`).
+from dccl_sim.report import bucket_column_labels, bucket_gauc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAME_CLOUD_AS_CLOUD_ONLY = ("metapatch", "local_finetune", "coda")
 DEFAULT_STRATEGIES = ("cloud_only", "metapatch", "dccl", "fedavg", "local_finetune")
-# (column, record field) pairs; the records' names are the run directory's public column names
+# rounds.parquet columns kept per round (the run directory's public column names)
 FIELDS = (
     "start_gauc",
     "device_gauc",
@@ -69,6 +71,8 @@ FIELDS = (
     "t_distill_s",
     "t_round_s",
 )
+# CoDA's own round columns: only CoDA runs record them; the other strategies have no candidates (0)
+ABSENT_AS_ZERO = ("candidates_per_device", "kept_per_device", "candidate_bytes_per_device")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,14 +98,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    unknown = [s for s in args.strategies if s not in STRATEGIES]
-    if unknown:
-        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    for strategy in args.strategies:
+        try:  # validation names the known strategies (and accepts a plug-in's module:Attribute)
+            load_config(None, [f"strategy={strategy}"])
+        except ConfigError as error:
+            parser.error(str(error))
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
     if args.out is None:
         args.out = RESULTS / f"strategies_{args.split}"
     return args
+
+
+def numpy_columns(table: Any) -> dict[str, np.ndarray]:
+    """An Arrow table (what `load_run(..., table_format="arrow")` gives) as NumPy columns."""
+    return {name: table[name].to_numpy() for name in table.column_names}
 
 
 def run_one(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
@@ -118,16 +129,19 @@ def run_one(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path) 
         *args.overrides,
     ]
     config = load_config(None, overrides)
-    state = run(config)
-    _, _, devices = read_run(out_dir)
+    run(config)
+    results = load_run(out_dir, table_format="arrow")
+    rounds, devices = numpy_columns(results.rounds), numpy_columns(results.devices)
     n_buckets = len(config.metrics.bucket_quantiles) + 1
     rows = []
-    for record in state.records:
-        row: dict[str, Any] = {"round": record.round, **{name: float(getattr(record, name)) for name in FIELDS}}
+    for i, round_index in enumerate(rounds["round"].tolist()):
+        row: dict[str, Any] = {"round": round_index}
+        for name in FIELDS:
+            row[name] = 0.0 if name in ABSENT_AS_ZERO and name not in rounds else float(rounds[name][i])
         row["device_gain"] = row["device_gauc"] - row["start_gauc"]
         row["tail_device_gain"] = row["tail_device_gauc"] - row["tail_start_gauc"]
         for model in ("start", "device", "cloud"):
-            row[f"bucket_{model}_gauc"] = bucket_gauc(devices, record.round, f"{model}_auc", n_buckets)
+            row[f"bucket_{model}_gauc"] = bucket_gauc(devices, round_index, f"{model}_auc", n_buckets)
         row["bucket_device_gain"] = list(np.subtract(row["bucket_device_gauc"], row["bucket_start_gauc"]))
         rows.append(row)
     return rows

@@ -1,6 +1,6 @@
 """Part 4, broadcast cost: the bytes of one round's broadcast and the time until every device actor holds it.
 
-The cloud actor builds the broadcast (`CloudRole.broadcast` through `CloudActor`, as the round loop does) and Ray
+The cloud actor builds the broadcast (`CloudHost.broadcast` through `CloudActor`, as the round loop does) and Ray
 stores it once; then each of A stand-in device actors (`receiver.Receiver`) gets the reference as an argument,
 which Ray resolves to the value (NumPy arrays read zero-copy from the object store, which holds one copy per
 node), and reads every array. `deliver_s` is the time from submitting those calls to the last one returning,
@@ -18,6 +18,7 @@ import ray
 
 from bench.common import bench_config, pretrain_cache, ray_started
 from bench.receiver import Receiver
+from dccl_sim.algorithms.protocol import Broadcast
 from dccl_sim.data.prepare import prepare_dataset
 from dccl_sim.data.store import read_meta
 from dccl_sim.runtime.ray_runtime import CloudActor
@@ -33,7 +34,7 @@ def measure(devices: int, actor_counts: Sequence[int], overrides: Sequence[str],
         cloud = CloudActor.remote(config, root, 1)
         try:
             ray.get(cloud.pretrain.remote(pretrain_cache(config)))
-            model_bytes = ray.get(cloud.broadcast.remote(0, participants)).nbytes
+            model_bytes = _model_and_patch_bytes(ray.get(cloud.broadcast.remote(0, participants)))
             rows = [_deliver(cloud, participants, actors, cpus, repeats) for actors in actor_counts]
         finally:
             ray.kill(cloud)
@@ -43,6 +44,13 @@ def measure(devices: int, actor_counts: Sequence[int], overrides: Sequence[str],
         "model_and_patch_bytes": model_bytes,
         "measurements": rows,
     }
+
+
+def _model_and_patch_bytes(broadcast: Broadcast) -> int:
+    """`Broadcast.nbytes` less dccl's payload, the participants' starting meta-patches (per participant, like
+    their ids: `bytes_per_actor` counts them); a CoDA payload (candidates) stays counted, as it always was."""
+    per_participant = broadcast.payload.nbytes if isinstance(broadcast.payload, np.ndarray) else 0
+    return broadcast.nbytes - per_participant
 
 
 def _deliver(cloud: Any, participants: np.ndarray, actors: int, cpus: int, repeats: int) -> dict[str, Any]:

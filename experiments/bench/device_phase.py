@@ -1,9 +1,9 @@
 """Part 2, the device phase: one round's device step over N synthetic devices, placed four ways.
 
-- `packed_in_process`: the strategy's `device_round` on one `DeviceRole` holding every device, torch on one
-  thread. Pure compute: the reference the others' per-device overhead is measured against. Its phases are timed
-  apart by running the step's pieces alone: features (z_0 of the local samples and each device's hold-out slice
-  for the gate, `DeviceSide.patch_samples`),
+- `packed_in_process`: the strategy's device step (`DeviceHost.train_round`) on one `DeviceHost` holding every
+  device, torch on one thread. Pure compute: the reference the others' per-device overhead is measured against.
+  Its phases are timed apart by running the step's pieces alone: features (z_0 of the local samples and each
+  device's hold-out slice for the gate, `DeviceHost.patch_samples`),
   training (`metapatch_device_step`), and the remainder (evaluation, sample selection, result columns).
 - `packed_ray`: `RayRuntime`'s device phase with the default placement (about one pack per CPU), as the round
   loop times it (`t_devices_s`), after the broadcast is in the object store.
@@ -15,7 +15,8 @@
 Each time is the median over repeats after one untimed call (actor start-up, first-call costs). Device-samples
 trained are the samples passed through training (the gate's trial run plus the refit, times the local epochs).
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (matrix products, forward and backward: what the
-matmul ceiling measures) over one in-process run; the latency model's estimate is recorded beside them.
+matmul ceiling measures) over one in-process run; the latency model's estimate (the strategy's `device_cost` of
+what the devices reported) is recorded beside them.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import bench_config, median_time, pretrain_cache, ratio, ray_started, torch_threads
 from dccl_sim.algorithms.metapatch_step import metapatch_device_step
-from dccl_sim.algorithms.protocol import Broadcast, PackResult, concat_theta
+from dccl_sim.algorithms.protocol import Broadcast, PackResult, concat_uploads
 from dccl_sim.config import SimConfig
+from dccl_sim.context import RoundContext
 from dccl_sim.data.prepare import prepare_dataset
 from dccl_sim.data.store import read_meta
-from dccl_sim.runtime import latency
+from dccl_sim.hosts.cloud import CloudHost, ModelCost
+from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.runtime.base import DevicePhase
 from dccl_sim.runtime.memory import tree_memory_mb
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.ray_runtime import RayRuntime
-from dccl_sim.runtime.roles import CloudRole, DeviceRole
 
 MIB = 2**20
 
@@ -63,6 +65,7 @@ class Round0:
     root: str
     broadcast: Broadcast
     device_counts: dict[str, np.ndarray]  # the cloud's n_local and n_eval per device, for the latency model
+    model_cost: ModelCost  # the models' sizes and FLOPs per sample, for the latency model
 
     @property
     def device_ids(self) -> np.ndarray:
@@ -72,10 +75,11 @@ class Round0:
     def build(cls, devices: int, overrides: Sequence[str]) -> Round0:
         config = bench_config(devices, overrides)
         root = prepare_dataset(config.data, config.seed)
-        cloud = CloudRole(config, root)
+        cloud = CloudHost(config, root)
         cloud.pretrain(pretrain_cache(config))
         ids = np.arange(read_meta(root).num_devices, dtype=np.int64)
-        return cls(tuple(overrides), config, root, cloud.broadcast(0, ids), cloud.device_counts(0))
+        broadcast = cloud.broadcast(0, ids)
+        return cls(tuple(overrides), config, root, broadcast, cloud.device_counts(0), cloud.model_cost())
 
 
 def counted_flops(fn: Callable[[], object]) -> float:
@@ -92,36 +96,39 @@ def measure_in_process(r0: Round0, repeats: int) -> dict[str, Any]:
     """The packed step in this process on one thread: whole, by phase, and as a per-device loop of its training."""
     config, b, ids = r0.config, r0.broadcast, r0.device_ids
     with torch_threads(1):
-        role = DeviceRole(config, r0.root, ids)
-        side = role.side
-        role.train_round(b)  # untimed: first-call costs; it also loads the broadcast into the side's models
-        total_s, total_all, result = median_time(lambda: role.train_round(b), repeats)
-        local = side.local_samples(ids, b.round)
-        features_s, _, samples = median_time(lambda: side.patch_samples(ids, local), repeats)
-        theta0 = b.start_theta_of(ids, config.patch.k)
-        model, patch, device, seed = side.models.cloud, side.models.patch, config.device, config.seed
+        host = DeviceHost(config, r0.root, ids)
+        host.train_round(b)  # untimed: first-call costs; it also loads the broadcast into the host's models
+        total_s, total_all, result = median_time(lambda: host.train_round(b), repeats)
+        local = host.local_samples(ids, b.round)
+        features_s, _, samples = median_time(lambda: host.patch_samples(ids, local), repeats)
+        # the MetaPatch-style strategy's starting meta-patches (dccl: the broadcast's θ̃ rows; metapatch: zeros)
+        theta0 = host.strategy.start_theta(b, ids)
+        model, patch, device = host.models.cloud, host.models.patch, config.device
+        ctx = RoundContext(config, b.round, b.participants)
 
         def packed():
-            return metapatch_device_step(model, patch, samples, theta0, device, seed, b.round)
+            return metapatch_device_step(model, patch, samples, theta0, device, ctx)
 
         def loop():
             return [
-                metapatch_device_step(model, patch, samples.alone(m), theta0[m : m + 1], device, seed, b.round)
+                metapatch_device_step(model, patch, samples.alone(m), theta0[m : m + 1], device, ctx)
                 for m in range(len(ids))
             ]
 
         train_s, _, step = median_time(packed, repeats)
         loop_s, loop_all, looped = median_time(loop, repeats)
         flops = {
-            "features": counted_flops(lambda: side.patch_samples(ids, local)),
+            "features": counted_flops(lambda: host.patch_samples(ids, local)),
             "training": counted_flops(packed),
-            "total": counted_flops(lambda: role.train_round(b)),
+            "total": counted_flops(lambda: host.train_round(b)),
         }
     flops["evaluation_and_rest"] = flops["total"] - flops["features"] - flops["training"]
     counts = r0.device_counts
-    per_sample = latency.flops_per_sample(config, len(read_meta(r0.root).profile_fields))
     trained = result.columns["samples_trained"]
-    modelled = latency.device_flops(per_sample, trained, counts["n_local"][ids], counts["n_eval"][ids])
+    # the latency model's FLOPs of what the devices reported (their result columns: samples trained)
+    modelled = host.strategy.device_cost(
+        r0.model_cost, counts["n_local"][ids], counts["n_eval"][ids], result.columns
+    ).flops
     return {
         "total_s": total_s,
         "total_s_all": total_all,
@@ -133,7 +140,7 @@ def measure_in_process(r0: Round0, repeats: int) -> dict[str, Any]:
         "loop_s": loop_s,
         "loop_s_all": loop_all,
         "loop_max_abs_theta_diff": max_abs_diff(step.theta, torch.cat([r.theta for r in looped])),
-        "theta": result.theta,
+        "theta": result.uploads["theta"],
         "samples_trained": int(trained.sum()),
         "local_samples_per_device": float(np.mean(local.ends - local.starts)),
         "evaluated_devices": int(np.count_nonzero(result.columns["n_test"])),
@@ -150,7 +157,7 @@ def measure_ray(r0: Round0, placement: Sequence[str], repeats: int) -> dict[str,
     packs = plan_packs(len(r0.device_ids), config.runtime, runtime.num_cpus)
     runtime.start(config, r0.root, packs)
     try:
-        runtime.cloud("pretrain", pretrain_cache(config))
+        runtime.cloud.pretrain(pretrain_cache(config))
         handle = runtime.broadcast(0, r0.device_ids)
         ray.wait([handle])  # the broadcast is built and stored: the device phase starts from there
         every_pack = list(range(len(packs)))
@@ -159,11 +166,11 @@ def measure_ray(r0: Round0, placement: Sequence[str], repeats: int) -> dict[str,
             return runtime.run_devices(handle, every_pack, None)
 
         first_s, _, _ = median_time(device_phase, 1)  # includes the actors' start-up: not in the median
-        actors_mb = actor_memory_mb(DeviceRole.__name__)
+        actors_mb = actor_memory_mb(DeviceHost.__name__)
         wall_s, wall_all, phase = median_time(device_phase, repeats)
     finally:
         runtime.shutdown()
-    _, theta = concat_theta(phase.results)
+    _, theta = concat_uploads(phase.results, "theta")
     return {
         "wall_s": wall_s,
         "wall_s_all": wall_all,
@@ -303,7 +310,8 @@ def measure(
     return {
         "setting": list(overrides),
         "flops_method": "counted with torch.utils.flop_counter.FlopCounterMode (matrix products, forward and "
-        "backward) over one in-process run; flops_modelled: dccl_sim.runtime.latency.device_flops",
+        "backward) over one in-process run; flops_modelled: the strategy's Strategy.device_cost (the latency model) "
+        "of what the devices reported",
         "ray_cpus": cpus,
         "ceiling_flops": {"one_thread": ceiling.one_thread, "all_threads": ceiling.all_threads},
         "points": points,

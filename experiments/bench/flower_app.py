@@ -1,7 +1,7 @@
 """Part 5's ClientApp and the device step it shares with dccl-sim's packed run (`bench/flower_sim.py` measures them).
 
 A module of its own, not `__main__`, so that Ray's workers import it by name: each Flower actor then keeps one
-`DeviceSide` (every device's data, read on its first message) for all the messages it serves.
+`DeviceHost` (every device's data, read on its first message) for all the messages it serves.
 """
 
 from __future__ import annotations
@@ -17,22 +17,21 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from bench.common import bench_config
-from dccl_sim.algorithms.device_side import DeviceSide
 from dccl_sim.algorithms.metapatch_step import PatchStepResult, metapatch_device_step
 from dccl_sim.algorithms.protocol import Broadcast
-from dccl_sim.runtime.roles import DeviceRole
+from dccl_sim.context import RoundContext
+from dccl_sim.hosts.device import DeviceHost
 
 
-def device_step(side: DeviceSide, broadcast: Broadcast, ids: np.ndarray) -> PatchStepResult:
+def device_step(host: DeviceHost, broadcast: Broadcast, ids: np.ndarray) -> PatchStepResult:
     """What a device does with the round's broadcast: load it, z_0 of its local samples, its meta-patch step."""
-    side.load(broadcast)
-    local = side.local_samples(ids, broadcast.round)
-    samples = side.patch_samples(ids, local)
-    theta_start = broadcast.start_theta_of(ids, side.config.patch.k)
-    config = side.config
-    return metapatch_device_step(
-        side.models.cloud, side.models.patch, samples, theta_start, config.device, config.seed, broadcast.round
-    )
+    host.load(broadcast)
+    local = host.local_samples(ids, broadcast.round)
+    samples = host.patch_samples(ids, local)
+    # the dccl strategy's starting meta-patches: the broadcast payload's rows of these devices
+    theta_start = host.strategy.start_theta(broadcast, ids)
+    ctx = RoundContext(host.config, broadcast.round, broadcast.participants)
+    return metapatch_device_step(host.models.cloud, host.models.patch, samples, theta_start, host.config.device, ctx)
 
 
 # --- the broadcast as Flower carries it -------------------------------------------------------------------------
@@ -40,12 +39,12 @@ def device_step(side: DeviceSide, broadcast: Broadcast, ids: np.ndarray) -> Patc
 
 def broadcast_record(broadcast: Broadcast) -> ArrayRecord:
     """W, G and the participants' ids and starting meta-patches, as one ArrayRecord (the same for every node)."""
-    if broadcast.patch_state is None or broadcast.start_theta is None:
+    if broadcast.patch_state is None or not isinstance(broadcast.payload, np.ndarray):
         raise ValueError("the dccl broadcast carries a patch generator and starting meta-patches")
     arrays = {f"model/{name}": Array(value) for name, value in broadcast.model_state.items()}
     arrays |= {f"patch/{name}": Array(value) for name, value in broadcast.patch_state.items()}
     arrays["participants"] = Array(broadcast.participants)
-    arrays["start_theta"] = Array(broadcast.start_theta)
+    arrays["start_theta"] = Array(broadcast.payload)  # dccl's payload: θ̃ of the participants, [P, k]
     return ArrayRecord(arrays)
 
 
@@ -58,22 +57,22 @@ def broadcast_of(record: ArrayRecord, round_index: int) -> Broadcast:
         participants=record["participants"].numpy(),
         model_state=state("model/"),
         patch_state=state("patch/"),
-        start_theta=record["start_theta"].numpy(),
+        payload=record["start_theta"].numpy(),
     )
 
 
 # --- the ClientApp ----------------------------------------------------------------------------------------------
 
-_SIDE: dict[tuple[Any, ...], DeviceSide] = {}  # per actor process: every device's data, read on the first message
+_HOST: dict[tuple[Any, ...], DeviceHost] = {}  # per actor process: every device's data, read on the first message
 
 
-def actor_side(overrides: Sequence[str], root: str, devices: int) -> DeviceSide:
+def actor_host(overrides: Sequence[str], root: str, devices: int) -> DeviceHost:
     key = (tuple(overrides), root, devices)
-    if key not in _SIDE:
-        _SIDE.clear()
+    if key not in _HOST:
+        _HOST.clear()
         config = bench_config(devices, overrides)
-        _SIDE[key] = DeviceRole(config, root, np.arange(devices, dtype=np.int64)).side
-    return _SIDE[key]
+        _HOST[key] = DeviceHost(config, root, np.arange(devices, dtype=np.int64))
+    return _HOST[key]
 
 
 client_app = ClientApp()
@@ -85,10 +84,10 @@ def train(message: Message, context: Context) -> Message:
     tic = time.perf_counter()
     setting = message.content["setting"]
     device = int(context.node_config["partition-id"])
-    side = actor_side(list(setting["overrides"]), str(setting["root"]), int(setting["devices"]))
+    host = actor_host(list(setting["overrides"]), str(setting["root"]), int(setting["devices"]))
     loaded = time.perf_counter()
     broadcast = broadcast_of(message.content["broadcast"], int(setting["round"]))
-    step = device_step(side, broadcast, np.array([device], dtype=np.int64))
+    step = device_step(host, broadcast, np.array([device], dtype=np.int64))
     metrics = {
         "device": device,
         "gate_passed": int(step.gate_passed[0]),

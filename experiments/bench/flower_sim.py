@@ -6,7 +6,7 @@ that environment). It writes one JSON file (`--out`).
 
 The device step measured, for each device of a synthetic dataset built as the device phase builds it (part 2): load
 the round-0 broadcast (cloud model, patch generator, participants' starting meta-patches) into the device's models,
-compute z_0 of its local samples under it (`DeviceSide.patch_samples`), and run `metapatch_device_step`, which
+compute z_0 of its local samples under it (`DeviceHost.patch_samples`), and run `metapatch_device_step`, which
 returns its meta-patch θ̂ (k floats). Evaluation is not part of it. Three ways:
 
 - `flower`: a ClientApp per device (`@app.train()`, Flower's Message API), the device id being its node's
@@ -19,7 +19,7 @@ returns its meta-patch θ̂ (k floats). Evaluation is not part of it. Three ways
   excluded: the second round, from building its messages to the last reply. Startup included: the whole call less
   the second round, i.e. a one-round simulation (Ray and actor start-up, each actor reading the dataset on its
   first message, the round).
-- `packed_in_process`: the same step for every device at once on one `DeviceSide` in this process, torch on one
+- `packed_in_process`: the same step for every device at once on one `DeviceHost` in this process, torch on one
   thread. Startup excluded: the median call after the first; included: reading the devices' data plus the first
   call.
 - `packed_ray`: `RayRuntime.run_devices` (dccl-sim's device phase, default placement: about one pack per CPU) on
@@ -57,10 +57,10 @@ from bench.common import bench_config, median_time, ratio, torch_threads, versio
 from bench.device_phase import Round0, max_abs_diff
 from bench.flower import CLIENT_CPUS
 from bench.flower_app import broadcast_record, client_app, device_step
-from dccl_sim.algorithms.protocol import concat_theta
+from dccl_sim.algorithms.protocol import concat_uploads
+from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.ray_runtime import RayRuntime
-from dccl_sim.runtime.roles import DeviceRole
 
 # the device data of every variant: only the training samples are used, so one evaluated device keeps the reading
 # (and packed Ray's evaluation) small without changing what is trained
@@ -181,10 +181,10 @@ def measure_in_process(r0: Round0, device_overrides: Sequence[str], repeats: int
     config = bench_config(len(ids), device_overrides)
     with torch_threads(1):
         tic = time.perf_counter()
-        side = DeviceRole(config, r0.root, ids).side
+        host = DeviceHost(config, r0.root, ids)
         read_s = time.perf_counter() - tic
-        first_s, _, _ = median_time(lambda: device_step(side, broadcast, ids), 1)
-        wall_s, wall_all, step = median_time(lambda: device_step(side, broadcast, ids), repeats)
+        first_s, _, _ = median_time(lambda: device_step(host, broadcast, ids), 1)
+        wall_s, wall_all, step = median_time(lambda: device_step(host, broadcast, ids), repeats)
     devices = len(ids)
     return {
         "wall_s": wall_s,
@@ -215,7 +215,7 @@ def measure_ray(r0: Round0, device_overrides: Sequence[str], repeats: int) -> di
         wall_s, wall_all, phase = median_time(lambda: runtime.run_devices(handle, every_pack, None), repeats)
     finally:
         runtime.shutdown()
-    _, theta = concat_theta(phase.results)
+    _, theta = concat_uploads(phase.results, "theta")
     devices = len(ids)
     compute_s = max(float(result.columns["compute_s"].sum()) for result in phase.results)
     return {

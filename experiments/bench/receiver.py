@@ -20,8 +20,8 @@ class Receiver:
         if broadcast is None:
             return 0
         arrays = [*broadcast.model_state.values(), *(broadcast.patch_state or {}).values(), broadcast.participants]
-        if broadcast.start_theta is not None:
-            arrays.append(broadcast.start_theta)
+        if isinstance(broadcast.payload, np.ndarray):  # dccl's payload: the participants' starting meta-patches
+            arrays.append(broadcast.payload)
         for array in arrays:
             np.add.reduce(array, axis=None)
         return sum(array.nbytes for array in arrays)
