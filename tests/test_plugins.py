@@ -4,17 +4,30 @@ validated like the built-ins, shipped to the Ray actors, placement-invariant and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_runtime import SMALL, assert_same_results
 
 from dccl_sim.config import ConfigError, load_config
 from dccl_sim.runtime.session import resume_state, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -81,13 +94,16 @@ def test_a_plugin_on_ray_equals_the_in_process_run_and_resumes(
 ) -> None:
     """Two device actors on Ray import the plug-in from the module shipped with the runtime environment (the
     workers' own path does not hold examples/), and give the in-process results; a run stopped after round 0 and
-    resumed gives the uninterrupted run's."""
-    run(_config(tmp_path / "ray", "runtime.num_actors=2", *plugin))
-    run(_config(tmp_path / "local", "runtime.backend=local", *plugin))
+    resumed gives the uninterrupted run's. The actors train on one thread each and so do the in-process runs here:
+    Adam on whole-model copies (FedProx) carries the float differences of another reduction order into the
+    weights."""
+    run(_config(tmp_path / "ray", "runtime.num_actors=2", "runtime.torch_threads=1", *plugin))
+    with torch_threads(1):
+        run(_config(tmp_path / "local", "runtime.backend=local", *plugin))
+        run(_config(tmp_path / "stopped", "runtime.backend=local", "rounds=1", *plugin))
+        config, state = resume_state(tmp_path / "stopped", ["rounds=2"])
+        run(config, state)
     assert_same_results(tmp_path / "local", tmp_path / "ray")
-    run(_config(tmp_path / "stopped", "runtime.backend=local", "rounds=1", *plugin))
-    config, state = resume_state(tmp_path / "stopped", ["rounds=2"])
-    run(config, state)
     assert_same_results(tmp_path / "local", tmp_path / "stopped")
     rounds = pq.read_table(tmp_path / "ray" / "rounds.parquet").to_pydict()
     assert np.isfinite(rounds["device_gauc"]).all() and rounds["n_participants"] == [8, 8]
