@@ -4,30 +4,18 @@ validated like the built-ins, shipped to the Ray actors, placement-invariant and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from bench.common import torch_threads
 from test_runtime import SMALL, assert_same_results
 
 from dccl_sim.config import ConfigError, load_config
 from dccl_sim.runtime.session import resume_state, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
