@@ -39,6 +39,7 @@ from dccl_sim.runtime.ray_runtime import RayRuntime
 from dccl_sim.runtime.session import run
 
 BIN = Path(sys.executable).parent
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NUM_WORKERS = 2
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300
@@ -166,6 +167,34 @@ def test_the_cli_joins_the_cluster_by_address(cluster: LocalCluster, single_node
     _check(result, cluster)
     assert "done: 2 rounds" in result.stdout
     assert_same_results(single_node_run, tmp_path / "cli")
+
+
+def test_a_plugin_strategy_reaches_every_node(
+    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dccl-sim run --address` with a user's strategy from a folder on the driver's PYTHONPATH only (not the
+    nodes', not the current directory): the actors on the worker nodes import it from the module shipped with the
+    runtime environment, and the run equals the in-process one."""
+    plugins = tmp_path / "my_plugins"
+    plugins.mkdir()
+    shutil.copy(EXAMPLES / "fedprox.py", plugins / "fedprox.py")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    plugin = ["strategy=fedprox:FedProx", "fedprox.mu=0.1", "runtime.torch_threads=1"]
+    settings = [arg for s in [*SMALL, "runtime.num_actors=2", *plugin] for arg in ("--set", s)]
+    command = [str(BIN / "dccl-sim"), "run", "--address", cluster.address, *settings, "--out", str(tmp_path / "cli")]
+    env = {**cluster.env, "PYTHONPATH": str(plugins)}
+    result = subprocess.run(
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+    _check(result, cluster)
+    assert "done: 2 rounds" in result.stdout
+    from bench.common import torch_threads  # not at the top: this file also runs as a script, without experiments/
+
+    monkeypatch.syspath_prepend(str(plugins))
+    with torch_threads(1):  # the actors' arithmetic: Adam on whole-model copies carries float order into W
+        run(small_config(tmp_path / "local", "runtime.backend=local", "runtime.num_actors=2", *plugin))
+    assert_same_results(tmp_path / "local", tmp_path / "cli")
 
 
 def _node_id(_actor: object) -> str:
