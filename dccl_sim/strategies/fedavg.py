@@ -33,7 +33,8 @@ class FedAvg(Strategy):
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
         start = device.cloud_scores(evaluation)
         personal = np.empty_like(start)
-        base = {name: torch.from_numpy(value) for name, value in broadcast.model_state.items()}
+        # copied once per pack: the broadcast arrays are read-only views of the object store
+        base = {name: torch.tensor(value) for name, value in broadcast.model_state.items()}
         total = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in base.items()}
         trained = np.zeros(len(device_ids), dtype=np.int64)
         weight = 0.0
