@@ -1,5 +1,6 @@
 """Plug-ins from outside the package: a user's strategy and model (the files in examples/) named as module:Class,
-validated like the built-ins, shipped to the Ray actors, placement-invariant and resumable."""
+validated like the built-ins, shipped to the Ray actors, placement-invariant and resumable; the second built-in
+model family (sasrec) holds the same invariants."""
 
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def test_fedprox_with_mu_zero_is_fedavg_and_its_proximal_term_changes_the_models
     [
         ["strategy=fedprox:FedProx", "fedprox.mu=0.1"],
         ["model.name=mean_pool_model:MeanPool", "strategy=dccl"],
+        ["model.name=sasrec", "strategy=dccl"],
     ],
-    ids=["strategy", "model"],
+    ids=["strategy", "model", "builtin-sasrec"],
 )
 def test_a_plugin_on_ray_equals_the_in_process_run_and_resumes(
     in_examples: Path, ray_session, tmp_path: Path, plugin: list[str]

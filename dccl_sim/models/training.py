@@ -39,8 +39,8 @@ def fit(
     """Minimize mean BCE (plus `extra_loss`) over the samples `indices` with Adam; returns the mean loss per epoch.
 
     Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible. The order is drawn
-    as positions into `indices`, so that `extra_loss` finds per-sample values by position, not by searching for the
-    sample (a binary search of 1,024 samples among 467,346 took 0.6 ms a step, 4% of a cloud step).
+    as positions into `indices`, so that `extra_loss` finds per-sample values by position instead of searching for
+    each sample in every step.
     """
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)
