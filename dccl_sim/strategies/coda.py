@@ -24,7 +24,6 @@ from dccl_sim.algorithms.coda import (
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, received_devices
 from dccl_sim.config import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Section
 from dccl_sim.context import RoundContext
-from dccl_sim.data.device_data import PRETRAIN_WINDOW, SPLIT_TRAIN
 from dccl_sim.hosts.cloud import CloudHost, ModelCost
 from dccl_sim.hosts.device import DeviceHost, Stopwatch
 from dccl_sim.strategies.base import DeviceCost
@@ -88,8 +87,8 @@ class CoDA(MetaPatch):
     }
 
     def start_cloud(self, cloud: CloudHost) -> None:
-        data = cloud.data
-        self.pool = (data.split == SPLIT_TRAIN) & (cloud.window == PRETRAIN_WINDOW)
+        self.pool = np.zeros(cloud.data.num_samples, dtype=bool)
+        self.pool[cloud.pretraining_indices()] = True
 
     def broadcast_payload(self, cloud: CloudHost, ctx: RoundContext) -> Augmentation:
         """Coarse matching under the broadcast model: each participant's most similar users, at most
