@@ -52,21 +52,41 @@ class Metrics:
 
 @dataclass(frozen=True, eq=False)
 class Evaluation:
-    """Metrics overall and per activity bucket (bucket 0 = least-active users, the tail), plus per-device AUC."""
+    """Metrics overall and per activity bucket (bucket 0 = least-active users, the tail), plus per device (ids
+    sorted): AUC, HR@k and NDCG@k over its queries, its numbers of samples and queries."""
 
     overall: Metrics
     buckets: tuple[Metrics, ...]
     device_ids: np.ndarray
     device_auc: np.ndarray
     k: int
+    device_hr: np.ndarray | None = None
+    device_ndcg: np.ndarray | None = None
+    device_samples: np.ndarray | None = None
+    device_queries: np.ndarray | None = None
+
+    def of_devices(self, device_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-device columns (auc, hr, ndcg, n_samples, n_queries) of `device_ids`, as `per_device_ranking` gives
+        them: NaN and 0 for devices that were not evaluated."""
+        found, rows = self._rows(device_ids)
+        out = {name: np.full(len(device_ids), np.nan) for name in ("auc", "hr", "ndcg")}
+        out |= {name: np.zeros(len(device_ids), dtype=np.int64) for name in ("n_samples", "n_queries")}
+        sources = {"auc": self.device_auc, "hr": self.device_hr, "ndcg": self.device_ndcg}
+        sources |= {"n_samples": self.device_samples, "n_queries": self.device_queries}
+        for name, values in sources.items():
+            out[name][found] = values[rows[found]]
+        return out
+
+    def _rows(self, device_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.device_ids) == 0:
+            return np.zeros(len(device_ids), dtype=bool), np.zeros(len(device_ids), dtype=np.int64)
+        rows = np.minimum(np.searchsorted(self.device_ids, device_ids), len(self.device_ids) - 1)
+        return self.device_ids[rows] == device_ids, rows
 
     def auc_of(self, device_ids: np.ndarray) -> np.ndarray:
         """Per-device AUC of `device_ids`, NaN for devices that were not evaluated."""
         out = np.full(len(device_ids), np.nan)
-        if len(self.device_ids) == 0:
-            return out
-        rows = np.minimum(np.searchsorted(self.device_ids, device_ids), len(self.device_ids) - 1)
-        found = self.device_ids[rows] == device_ids
+        found, rows = self._rows(device_ids)
         out[found] = self.device_auc[rows[found]]
         return out
 
@@ -360,13 +380,34 @@ def evaluate(
 
     overall = metrics(None, None, None)
     buckets = tuple(metrics(bucket_sorted == b, device_bucket == b, query_bucket == b) for b in range(num_buckets))
+    device_hr, device_ndcg, device_queries = _per_device_hits(ranks, query_device, per_device.groups, k)
     return Evaluation(
         overall=overall,
         buckets=buckets,
         device_ids=per_device.groups,
         device_auc=per_device.auc,
         k=int(k),
+        device_hr=device_hr,
+        device_ndcg=device_ndcg,
+        device_samples=per_device.n_samples,
+        device_queries=device_queries,
     )
+
+
+def _per_device_hits(
+    ranks: np.ndarray, query_device: np.ndarray, device_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HR@k, NDCG@k, number of queries) per device of `device_ids` (sorted) from each query's positive rank and
+    device: means over the device's queries, NaN for a device without queries."""
+    n_devices = len(device_ids)
+    rows = np.searchsorted(device_ids, query_device)
+    count = np.bincount(rows, minlength=n_devices)
+    hits = np.bincount(rows, weights=(ranks < k).astype(np.float64), minlength=n_devices)
+    gains = np.bincount(rows, weights=np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0), minlength=n_devices)
+    hr, ndcg = np.full(n_devices, np.nan), np.full(n_devices, np.nan)
+    has = count > 0
+    hr[has], ndcg[has] = hits[has] / count[has], gains[has] / count[has]
+    return hr, ndcg, count.astype(np.int64)
 
 
 def per_device_ranking(
@@ -390,14 +431,7 @@ def per_device_ranking(
     unique_q, q_code = _dense_codes(np.asarray(queries))
     query_device = np.empty(len(unique_q), dtype=np.int64)
     query_device[q_code] = devices
-    rows = np.searchsorted(device_ids, query_device)
-    count = np.bincount(rows, minlength=n_devices)
-    hits = np.bincount(rows, weights=(ranks < k).astype(np.float64), minlength=n_devices)
-    gains = np.bincount(rows, weights=np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0), minlength=n_devices)
-    has = count > 0
-    columns["hr"][has] = hits[has] / count[has]
-    columns["ndcg"][has] = gains[has] / count[has]
-    columns["n_queries"] = count
+    columns["hr"], columns["ndcg"], columns["n_queries"] = _per_device_hits(ranks, query_device, device_ids, k)
     return columns
 
 

@@ -381,3 +381,16 @@ def test_bootstrap_without_the_z0_cache_and_with_the_lazy_table(ml100k_small, mo
     lazy, lazy_losses = _bootstrapped(ml100k_small, "lazy", 0, monkeypatch)
     assert lazy_losses[-1] < lazy_losses[0]
     assert any(not torch.allclose(a, b) for a, b in zip(lazy.parameters(), cached.parameters(), strict=True))
+
+
+def test_the_gate_falls_back_to_no_patch_not_to_a_bad_starting_patch() -> None:
+    """dccl starts a device from θ̃; when the trained patch does not beat θ̂ = 0 (the plain broadcast model) on the
+    newest slice, the device keeps θ̂ = 0, never a starting patch that is worse than no patch."""
+    model, patch = _models()
+    samples = _samples([60, 60], model)
+    bad_start = 50.0 * torch.ones(2, K_PATCH)  # far from anything the data supports
+    # a learning rate too small to move the patch: the trained patch is the bad start itself
+    config = DeviceConfig(gate=True, local_epochs=1, lr=1e-12)
+    result = metapatch_device_step(model, patch, samples, bad_start, config, round_context(seed=0, round_index=1))
+    assert not result.gate_passed.any()
+    assert torch.equal(result.theta, torch.zeros(2, K_PATCH))

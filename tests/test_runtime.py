@@ -261,3 +261,30 @@ def test_every_actor_starts_openmp_with_the_threads_its_torch_uses(
     cloud, *packs = found
     assert cloud == (str(torch_threads or 2), torch_threads or 2)  # the session's Ray has 2 CPUs
     assert packs == [(str(torch_threads or 1), torch_threads or 1)] * 2
+
+
+@pytest.mark.parametrize("strategy", ["dccl", "metapatch"])
+def test_the_broadcast_baseline_is_the_model_the_cloud_left(tmp_path: Path, strategy: str) -> None:
+    """`broadcast_*` is the plain broadcast model W_t (θ̂ = 0, no starting patch): with every device taking part
+    and evaluated, round t's equals round t − 1's cloud model on the same samples, per device and pooled. MetaPatch
+    starts from θ̂ = 0, so its start is the broadcast model; dccl's starting patch θ̃ makes its start another model
+    once the patch-space update has run."""
+    run(small_config(tmp_path, "runtime.backend=local", "rounds=3", f"strategy={strategy}"))
+    rounds, devices = _tables(tmp_path)
+    for t in (1, 2):
+        assert rounds["broadcast_gauc"][t] == pytest.approx(rounds["cloud_gauc"][t - 1], abs=1e-12)
+        assert rounds["broadcast_hr10"][t] == pytest.approx(rounds["cloud_hr10"][t - 1], abs=1e-12)
+        assert rounds["tail_broadcast_gauc"][t] == pytest.approx(rounds["tail_cloud_gauc"][t - 1], abs=1e-12)
+    device_round = np.array(devices["round"])
+    for t in (1, 2):
+        now, before = device_round == t, device_round == t - 1
+        assert np.array_equal(np.array(devices["device_id"])[now], np.array(devices["device_id"])[before])
+        np.testing.assert_array_equal(
+            np.array(devices["broadcast_auc"])[now], np.array(devices["cloud_auc"])[before], err_msg=f"round {t}"
+        )
+    starts, broadcasts = np.array(rounds["start_gauc"]), np.array(rounds["broadcast_gauc"])
+    assert starts[0] == pytest.approx(broadcasts[0], abs=1e-9)  # θ̃ = 0 before any patch-space update
+    if strategy == "metapatch":
+        np.testing.assert_allclose(starts, broadcasts, atol=1e-9)
+    else:
+        assert not np.allclose(starts[1:], broadcasts[1:], atol=1e-6)

@@ -115,6 +115,10 @@ def _run(
         cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"))
     else:
         cloud.load_state(state.cloud_state)
+    # the plain broadcast model W_t (θ̂ = 0, no starting patch) is the cloud model as the previous round left it:
+    # its evaluation is the next round's baseline, so each model is scored once
+    _notify(observers, state.next_round, "evaluating the broadcast model")
+    broadcast_evaluation = cloud.evaluate()
     bucket_of_device = cloud.device_info().bucket
     cost = cloud.model_cost()
     pack_of_device = np.concatenate([np.full(len(p), i) for i, p in enumerate(packs)])
@@ -162,6 +166,8 @@ def _run(
         names = tuple(phase.results[0].columns) if phase.results else (*DEVICE_COLUMNS, *strategy.device_columns)
         columns = concat_columns(phase.results, names)
         ids = columns["device_id"].astype(np.int64)
+        broadcast = broadcast_evaluation.of_devices(ids)
+        columns |= {f"broadcast_{name}": broadcast[name] for name in ("auc", "hr", "ndcg")}
         actual = strategy.device_cost(cost, counts["n_local"][ids], counts["n_eval"][ids], columns)
         columns["flops"] = actual.flops
         times = latency.device_times(profiles.subset(ids), actual.flops, actual.download_bytes, actual.upload_bytes)
@@ -171,6 +177,7 @@ def _run(
         frame = _device_frame(
             t, sampled, planned.flops, planned_times, columns, times, bucket_of_device, evaluation, strategy
         )
+        frame["broadcast_auc"] = broadcast_evaluation.auc_of(sampled)
         shared_download = actual.model_download_bytes
         broadcast_bytes = shared_download * len(participants) + int((actual.download_bytes - shared_download).sum())
         record = _round_record(
@@ -197,6 +204,7 @@ def _run(
         record.t_round_s = time.perf_counter() - round_start
         record.peak_memory_mb = memory.take_peak()
         cloud_state = cloud.state()
+        broadcast_evaluation = evaluation
         for observer in observers:
             observer.on_round(record, state, cloud_state)
 
@@ -276,6 +284,7 @@ def _round_record(
         pooled("start", tail),
         pooled("device", tail),
     )
+    broadcast, tail_broadcast = pooled("broadcast"), pooled("broadcast", tail)
     cloud, tail_cloud = evaluation.overall, evaluation.buckets[0]
     compute = _spread(columns["compute_s"])
     return RoundRecord(
@@ -285,6 +294,12 @@ def _round_record(
         n_participants=len(columns["device_id"]),
         n_stragglers=int(frame["straggler"].sum()),
         n_failed=len(failed_packs),
+        broadcast_gauc=broadcast["gauc"],
+        tail_broadcast_gauc=tail_broadcast["gauc"],
+        broadcast_hr10=broadcast["hr"],
+        broadcast_ndcg10=broadcast["ndcg"],
+        tail_broadcast_hr10=tail_broadcast["hr"],
+        tail_broadcast_ndcg10=tail_broadcast["ndcg"],
         start_gauc=start["gauc"],
         tail_start_gauc=tail_start["gauc"],
         start_hr10=start["hr"],

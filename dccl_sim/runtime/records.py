@@ -1,8 +1,9 @@
 """The run directory's records: one row per round (`rounds.parquet`), one per device per round (`devices.parquet`).
 
-Column names are a public contract (README, "Outputs"). `start_*` is the broadcast model the devices
-personalized, `device_*` the personalized models, `cloud_*` the cloud model after the round's update;
-`tail_*` the long-tail activity bucket (bucket 0).
+Column names are a public contract (README, "Outputs"). `broadcast_*` is the plain broadcast model W_t (θ̂ = 0, no
+starting patch), `start_*` the model the devices started from (for dccl, W_t with its starting meta-patch θ̃),
+`device_*` the personalized models, `cloud_*` the cloud model after the round's update; `tail_*` the long-tail
+activity bucket (bucket 0).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DEVICE_RECORD_COLUMNS = (
     "start_auc",
     "device_auc",
     "cloud_auc",
+    "broadcast_auc",
     "gate_passed",
     "compute_s",
     "sim_time_s",
@@ -81,6 +83,13 @@ class RoundRecord(BaseModel):
     broadcast_bytes: int
     upload_bytes_per_device: int
     download_bytes_per_device: int
+    # the plain broadcast model over the participants with results (NaN in runs written before it was recorded)
+    broadcast_gauc: float = math.nan
+    tail_broadcast_gauc: float = math.nan
+    broadcast_hr10: float = math.nan
+    broadcast_ndcg10: float = math.nan
+    tail_broadcast_hr10: float = math.nan
+    tail_broadcast_ndcg10: float = math.nan
     # PSS of the driver and the processes it started (an embedded Ray's workers included); NaN in older runs
     peak_memory_mb: float = math.nan
 
@@ -89,7 +98,7 @@ class RoundRecord(BaseModel):
             return "  —  " if math.isnan(value) else f"{value:.4f}"
 
         return (
-            f"round {self.round}: GAUC start {show(self.start_gauc)} → device {show(self.device_gauc)}, "
+            f"round {self.round}: GAUC broadcast {show(self.broadcast_gauc)} → device {show(self.device_gauc)}, "
             f"cloud {show(self.cloud_gauc)} (tail {show(self.tail_cloud_gauc)}); "
             f"{self.n_participants} devices, {self.n_stragglers} stragglers, {self.t_round_s:.1f} s"
         )
@@ -114,7 +123,7 @@ def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
 
 
 # columns added after the first release, and the value rows written before them get, so older runs resume
-LATER_DEVICE_COLUMNS = {"flops": np.float64(np.nan)}
+LATER_DEVICE_COLUMNS = {"flops": np.float64(np.nan), "broadcast_auc": np.float64(np.nan)}
 
 
 def read_devices_records(path: str, names: tuple[str, ...] = DEVICE_RECORD_COLUMNS) -> list[dict[str, np.ndarray]]:
