@@ -234,6 +234,10 @@ class MetricsConfig(Section):
     long tail). Tune on `valid`; report `test`."""
 
     split: Literal["valid", "test"] = "test"
+    # ranking cut-offs: every K gives hr@K and ndcg@K columns (and every run reports mrr)
+    ks: tuple[PositiveInt, ...] = (5, 10, 20)
+    # the cut-off of the progress line and of the columns named before `ks` existed (`*_hr10`, `*_ndcg10`, kept as
+    # aliases for one release: they hold HR and NDCG at this k, whatever it is); must be one of `ks`
     k: PositiveInt = 10
     # evaluate a seeded sample of this many devices, the same every round (None: all). At 10^5+ devices scoring
     # every device's 99 negatives per positive three times a round would dominate the round.
@@ -246,6 +250,19 @@ class MetricsConfig(Section):
         if list(value) != sorted(set(value)):
             raise ValueError("bucket quantiles must be strictly increasing")
         return value
+
+    @field_validator("ks")
+    @classmethod
+    def _distinct_cutoffs(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or list(value) != sorted(set(value)):
+            raise ValueError("ranking cut-offs must be a non-empty, strictly increasing list, e.g. [5, 10, 20]")
+        return value
+
+    @model_validator(mode="after")
+    def _k_is_a_cutoff(self) -> MetricsConfig:
+        if self.k not in self.ks:
+            raise ValueError(f"metrics.k = {self.k} must be one of metrics.ks = {list(self.ks)}")
+        return self
 
 
 class OutputConfig(Section):

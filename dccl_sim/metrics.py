@@ -8,7 +8,7 @@ rank of a positive among its sampled negatives counts ties against the positive 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,7 +40,8 @@ class GroupAUC:
 
 @dataclass(frozen=True)
 class Metrics:
-    """Metrics on one set of samples; `hr` and `ndcg` are at the cutoff `k` of the enclosing `Evaluation`."""
+    """Metrics on one set of samples; `hr` and `ndcg` are at the cutoff `k` of the enclosing `Evaluation`, and
+    `ranking` holds every cut-off's (`ranking_names`: "hr@K", "ndcg@K" for each K, and "mrr")."""
 
     auc: float
     gauc: float
@@ -48,6 +49,7 @@ class Metrics:
     ndcg: float
     n_samples: int
     n_users: int
+    ranking: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,21 +62,18 @@ class Evaluation:
     device_ids: np.ndarray
     device_auc: np.ndarray
     k: int
-    device_hr: np.ndarray | None = None
-    device_ndcg: np.ndarray | None = None
+    device_ranking: dict[str, np.ndarray] = field(default_factory=dict)
     device_samples: np.ndarray | None = None
     device_queries: np.ndarray | None = None
 
     def of_devices(self, device_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-device columns (auc, hr, ndcg, n_samples, n_queries) of `device_ids`, as `per_device_ranking` gives
-        them: NaN and 0 for devices that were not evaluated."""
+        """Per-device columns of `device_ids` as `per_device_ranking` gives them (auc, every ranking metric,
+        n_queries) and n_samples: NaN and 0 for devices that were not evaluated."""
         found, rows = self._rows(device_ids)
-        out = {name: np.full(len(device_ids), np.nan) for name in ("auc", "hr", "ndcg")}
-        out |= {name: np.zeros(len(device_ids), dtype=np.int64) for name in ("n_samples", "n_queries")}
-        sources = {"auc": self.device_auc, "hr": self.device_hr, "ndcg": self.device_ndcg}
-        sources |= {"n_samples": self.device_samples, "n_queries": self.device_queries}
-        for name, values in sources.items():
-            out[name][found] = values[rows[found]]
+        sources = {"auc": self.device_auc, **self.device_ranking}
+        out = {name: np.full(len(device_ids), np.nan) for name in sources}
+        for name, values in {**sources, "n_samples": self.device_samples, "n_queries": self.device_queries}.items():
+            out.setdefault(name, np.zeros(len(device_ids), dtype=np.int64))[found] = values[rows[found]]
         return out
 
     def _rows(self, device_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +321,7 @@ def evaluate(
     bucket_of_device: np.ndarray,
     num_buckets: int,
     k: int = 10,
+    ks: Sequence[int] = (),
 ) -> Evaluation:
     """AUC over all samples pooled, GAUC grouped by device, and HR@k / NDCG@k over the queries (each one positive
     plus its sampled negatives, query ids unique across devices); the same again restricted to each activity bucket,
@@ -376,53 +376,80 @@ def evaluate(
             ndcg=ndcg_at_k(r, k),
             n_samples=len(ss),
             n_users=len(dev_auc),
+            ranking=ranking_metrics(r, ks),
         )
 
     overall = metrics(None, None, None)
     buckets = tuple(metrics(bucket_sorted == b, device_bucket == b, query_bucket == b) for b in range(num_buckets))
-    device_hr, device_ndcg, device_queries = _per_device_hits(ranks, query_device, per_device.groups, k)
+    device_ranking, device_queries = _per_device_hits(ranks, query_device, per_device.groups, ks)
     return Evaluation(
         overall=overall,
         buckets=buckets,
         device_ids=per_device.groups,
         device_auc=per_device.auc,
         k=int(k),
-        device_hr=device_hr,
-        device_ndcg=device_ndcg,
+        device_ranking=device_ranking,
         device_samples=per_device.n_samples,
         device_queries=device_queries,
     )
 
 
+def ranking_names(ks: Sequence[int]) -> list[str]:
+    """The ranking metrics reported for the cut-offs `ks`: "hr@K" and "ndcg@K" for each K, then "mrr"."""
+    return [f"{metric}@{k}" for k in ks for metric in ("hr", "ndcg")] + ["mrr"]
+
+
+def _query_values(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Each ranking metric's value for each query, from the positive's 0-based rank r:
+    HR@K = [r < K], NDCG@K = [r < K] / log2(r + 2) (one relevant item), MRR's term 1 / (r + 1)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    values = {}
+    for k in ks:
+        _check_k(k)
+        hit = ranks < k
+        values[f"hr@{k}"] = hit.astype(np.float64)
+        values[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    values["mrr"] = 1.0 / (ranks + 1.0)
+    return values
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """Means over queries of each ranking metric (`_query_values`); NaN when there are no queries."""
+    values = _query_values(ranks, ks)
+    return {name: float(v.mean()) if len(v) else float("nan") for name, v in values.items()}
+
+
 def _per_device_hits(
-    ranks: np.ndarray, query_device: np.ndarray, device_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(HR@k, NDCG@k, number of queries) per device of `device_ids` (sorted) from each query's positive rank and
-    device: means over the device's queries, NaN for a device without queries."""
+    ranks: np.ndarray, query_device: np.ndarray, device_ids: np.ndarray, ks: Sequence[int]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every ranking metric per device of `device_ids` (sorted), as the mean over the device's queries (NaN for a
+    device without queries), and each device's number of queries."""
     n_devices = len(device_ids)
     rows = np.searchsorted(device_ids, query_device)
     count = np.bincount(rows, minlength=n_devices)
-    hits = np.bincount(rows, weights=(ranks < k).astype(np.float64), minlength=n_devices)
-    gains = np.bincount(rows, weights=np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0), minlength=n_devices)
-    hr, ndcg = np.full(n_devices, np.nan), np.full(n_devices, np.nan)
     has = count > 0
-    hr[has], ndcg[has] = hits[has] / count[has], gains[has] / count[has]
-    return hr, ndcg, count.astype(np.int64)
+    out = {}
+    for name, values in _query_values(ranks, ks).items():
+        total = np.bincount(rows, weights=values, minlength=n_devices)
+        out[name] = np.full(n_devices, np.nan)
+        out[name][has] = total[has] / count[has]
+    return out, count.astype(np.int64)
 
 
 def per_device_ranking(
-    devices: np.ndarray, queries: np.ndarray, labels: np.ndarray, scores: np.ndarray, device_ids: np.ndarray, k: int
+    devices: np.ndarray,
+    queries: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    device_ids: np.ndarray,
+    ks: Sequence[int],
 ) -> dict[str, np.ndarray]:
-    """Per device of `device_ids` (sorted): AUC of its samples, HR@k and NDCG@k as means over its queries, and its
-    number of queries; NaN (0 queries) for a device without samples. Samples are grouped into queries (one positive
-    and its sampled negatives) by `queries`, ranked as `positive_ranks` does."""
+    """Per device of `device_ids` (sorted): AUC of its samples, every ranking metric (`ranking_names(ks)`) as the
+    mean over its queries, and its number of queries; NaN (0 queries) for a device without samples. Samples are
+    grouped into queries (one positive and its sampled negatives) by `queries`, ranked as `positive_ranks` does."""
     n_devices = len(device_ids)
-    columns = {
-        "auc": np.full(n_devices, np.nan),
-        "hr": np.full(n_devices, np.nan),
-        "ndcg": np.full(n_devices, np.nan),
-        "n_queries": np.zeros(n_devices, dtype=np.int64),
-    }
+    columns = {name: np.full(n_devices, np.nan) for name in ("auc", *ranking_names(ks))}
+    columns["n_queries"] = np.zeros(n_devices, dtype=np.int64)
     if len(labels) == 0:
         return columns
     group = group_auc(devices, labels, scores)
@@ -431,28 +458,24 @@ def per_device_ranking(
     unique_q, q_code = _dense_codes(np.asarray(queries))
     query_device = np.empty(len(unique_q), dtype=np.int64)
     query_device[q_code] = devices
-    columns["hr"], columns["ndcg"], columns["n_queries"] = _per_device_hits(ranks, query_device, device_ids, k)
-    return columns
+    ranking, columns["n_queries"] = _per_device_hits(ranks, query_device, device_ids, ks)
+    return columns | ranking
 
 
 def summarize_devices(
-    n_samples: np.ndarray, auc_: np.ndarray, hr: np.ndarray, ndcg: np.ndarray, n_queries: np.ndarray
+    n_samples: np.ndarray, auc_: np.ndarray, n_queries: np.ndarray, ranking: dict[str, np.ndarray]
 ) -> dict[str, float]:
-    """Pool per-device results into GAUC, HR and NDCG without the scores.
+    """Pool per-device results into GAUC and each ranking metric without the scores.
 
-    GAUC = Σ_u n_u · AUC_u / Σ_u n_u over devices with a defined AUC (as `gauc`); HR and NDCG are means over
-    all queries, i.e. per-device means weighted by each device's number of queries.
+    GAUC = Σ_u n_u · AUC_u / Σ_u n_u over devices with a defined AUC, n_u the device's samples (as `gauc`); a
+    ranking metric is the mean over all queries, i.e. the per-device means weighted by each device's queries.
     """
     n_samples, n_queries = np.asarray(n_samples, dtype=np.float64), np.asarray(n_queries, dtype=np.float64)
     defined = np.isfinite(auc_)
     has_queries = n_queries > 0
     total_queries = n_queries[has_queries].sum()
-    return {
-        "gauc": pooled_gauc(np.where(defined, auc_, np.nan), n_samples),
-        "hr": float((hr[has_queries] * n_queries[has_queries]).sum() / total_queries)
-        if total_queries
-        else float("nan"),
-        "ndcg": float((ndcg[has_queries] * n_queries[has_queries]).sum() / total_queries)
-        if total_queries
-        else float("nan"),
-    }
+    pooled = {"gauc": pooled_gauc(np.where(defined, auc_, np.nan), n_samples)}
+    for name, values in ranking.items():
+        weighted = (np.asarray(values)[has_queries] * n_queries[has_queries]).sum()
+        pooled[name] = float(weighted / total_queries) if total_queries else float("nan")
+    return pooled

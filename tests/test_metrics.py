@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from dccl_sim import metrics
 from dccl_sim.metrics import (
     Evaluation,
     Metrics,
@@ -382,3 +383,37 @@ def test_auc_of_is_nan_for_devices_that_were_not_evaluated() -> None:
     queries = np.array([0, 0, 0, 1, 1, 1])
     evaluation = evaluate(devices, queries, labels, scores, np.zeros(7, dtype=np.int64), 1)
     np.testing.assert_array_equal(evaluation.auc_of(np.array([0, 2, 5, 6])), [np.nan, 1.0, 0.0, np.nan])
+
+
+# ---------------------------------------------------------------- several cut-offs, MRR, per device, pooled
+
+
+def test_ranking_metrics_at_several_cutoffs_by_hand() -> None:
+    # three queries whose positives rank 0, 3 and 12 (0-based)
+    ranks = np.array([0, 3, 12])
+    got = metrics.ranking_metrics(ranks, ks=(1, 5, 20))
+    assert metrics.ranking_names((1, 5, 20)) == ["hr@1", "ndcg@1", "hr@5", "ndcg@5", "hr@20", "ndcg@20", "mrr"]
+    assert got["hr@1"] == pytest.approx(1 / 3) and got["ndcg@1"] == pytest.approx(1 / 3)
+    assert got["hr@5"] == pytest.approx(2 / 3)
+    assert got["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 3)  # 1/log2(0+2) + 1/log2(3+2)
+    assert got["hr@20"] == pytest.approx(1.0)
+    assert got["ndcg@20"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(14)) / 3)
+    assert got["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 3)
+    assert math.isnan(metrics.ranking_metrics(np.zeros(0), ks=(5,))["mrr"])
+
+
+def test_per_device_ranking_and_pooling_by_hand() -> None:
+    # device 7: two queries (positive first, then last of 3); device 9: one query, positive second of 3
+    devices = np.array([7, 7, 7, 7, 7, 7, 9, 9, 9])
+    queries = np.array([1, 1, 1, 2, 2, 2, 3, 3, 3])
+    labels = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.1, 0.2, 0.1, 0.5, 0.6, 0.5, 0.9, 0.1])
+    got = metrics.per_device_ranking(devices, queries, labels, scores, np.array([5, 7, 9]), ks=(1, 2))
+    assert np.isnan(got["auc"][0]) and got["n_queries"].tolist() == [0, 2, 1]
+    # device 7's AUC: positives 0.9 and 0.1 against negatives 0.1, 0.2, 0.5, 0.6: 4 + 0.5 pairs of 8 (a tie is 1/2)
+    assert got["auc"][1] == pytest.approx(4.5 / 8) and got["auc"][2] == pytest.approx(1 / 2)
+    assert got["hr@1"][1:].tolist() == [0.5, 0.0] and got["hr@2"][1:].tolist() == [0.5, 1.0]
+    assert got["mrr"][1] == pytest.approx((1 + 1 / 3) / 2) and got["mrr"][2] == pytest.approx(1 / 2)
+    pooled = metrics.summarize_devices(np.array([0, 6, 3]), got["auc"], got["n_queries"], {"mrr": got["mrr"]})
+    assert pooled["gauc"] == pytest.approx((6 * 4.5 / 8 + 3 * 0.5) / 9)  # weighted by samples, per the DIN paper
+    assert pooled["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)  # every query counts once

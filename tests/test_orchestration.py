@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dccl_sim import metrics
-from dccl_sim.algorithms.protocol import DEVICE_COLUMNS, PackResult
+from dccl_sim.algorithms.protocol import PackResult, result_columns
 from dccl_sim.config import load_config
 from dccl_sim.hosts.cloud import DeviceInfo, ModelCost
 from dccl_sim.runtime.base import DevicePhase, Runtime
@@ -21,6 +21,7 @@ from dccl_sim.runtime.observers import Observer
 from dccl_sim.strategies.base import Strategy
 
 NUM_DEVICES = 12
+KS = (5, 10, 20)  # metrics.ks's default
 COST = ModelCost(1000, 100, 4, features=1e6, head=1e5, patch=1e4, first_hidden=1e4, input_dim=8, behaviour_dim=6)
 
 
@@ -76,7 +77,8 @@ class FakeCloud:
     def evaluate(self) -> metrics.Evaluation:
         devices = np.repeat(np.arange(NUM_DEVICES), 2)
         labels = np.tile([1, 0], NUM_DEVICES)
-        return metrics.evaluate(devices, np.arange(2 * NUM_DEVICES) // 2, labels, labels * 1.0, devices % 2, 2)
+        queries, scores = np.arange(2 * NUM_DEVICES) // 2, labels * 1.0
+        return metrics.evaluate(devices, queries, labels, scores, devices % 2, 2, ks=KS)
 
     def state(self) -> dict:
         return {"rounds_done": len([c for c in self.calls if c[0] == "update"])}
@@ -123,7 +125,7 @@ class FakeRuntime(Runtime):
 
 def _pack_result(ids: np.ndarray) -> PackResult:
     n = len(ids)
-    columns = {name: np.zeros(n) for name in DEVICE_COLUMNS}
+    columns = {name: np.zeros(n) for name in result_columns(metrics.ranking_names(KS))}
     columns |= {"device_id": ids, "n_test": np.full(n, 4), "n_queries": np.ones(n, dtype=np.int64)}
     columns |= {"start_auc": np.full(n, 0.5), "device_auc": np.full(n, 0.75), "samples_trained": ids + 1}
     columns |= {"gate_passed": np.ones(n, dtype=bool), "toy_seen": ids * 10}

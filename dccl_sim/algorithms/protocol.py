@@ -14,22 +14,24 @@ import numpy as np
 import torch
 from torch import nn
 
-# Per-device result columns every strategy fills (one entry per device of a pack).
+# Per-device result columns every strategy fills (one entry per device of a pack), besides the start and device
+# models' ranking metrics (`start_hr@10`, ..., `device_mrr`: `result_columns`).
 DEVICE_COLUMNS = (
     "device_id",
     "n_train",
     "n_test",
     "start_auc",
     "device_auc",
-    "start_hr",
-    "device_hr",
-    "start_ndcg",
-    "device_ndcg",
     "n_queries",
     "gate_passed",
     "samples_trained",
     "compute_s",
 )
+
+
+def result_columns(ranking_names: list[str]) -> tuple[str, ...]:
+    """Every per-device result column of a run whose ranking metrics are `ranking_names`."""
+    return (*DEVICE_COLUMNS, *(f"{model}_{name}" for model in ("start", "device") for name in ranking_names))
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,7 @@ class CloudHost:
             self.bucket_of_device,
             self.num_buckets,
             k=self.config.metrics.k,
+            ks=self.config.metrics.ks,
         )
 
     def state(self) -> dict[str, object]:

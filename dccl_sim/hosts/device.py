@@ -178,9 +178,8 @@ class DeviceHost:
         The pack's compute time is shared out in proportion to each device's work (samples trained, held and
         evaluated, plus `extra_work`); time already attributed to single devices (`own_time_s`, part of
         `elapsed_s`) is theirs alone. `gate_passed` is all False for strategies without a gate."""
-        k = self.config.metrics.k
-        start = self._ranking(evaluation, device_ids, start_scores, k)
-        device = self._ranking(evaluation, device_ids, device_scores, k)
+        start = self._ranking(evaluation, device_ids, start_scores)
+        device = self._ranking(evaluation, device_ids, device_scores)
         n_train = np.bincount(local.rows, weights=self.data.label[local.indices] == 1, minlength=len(device_ids))
         work = samples_trained + local.counts + evaluation.counts + extra_work
         share = work / max(work.sum(), 1)
@@ -189,12 +188,8 @@ class DeviceHost:
             "device_id": device_ids,
             "n_train": n_train.astype(np.int64),
             "n_test": evaluation.counts.astype(np.int64),
-            "start_auc": start["auc"],
-            "device_auc": device["auc"],
-            "start_hr": start["hr"],
-            "device_hr": device["hr"],
-            "start_ndcg": start["ndcg"],
-            "device_ndcg": device["ndcg"],
+            **{f"start_{name}": values for name, values in start.items() if name != "n_queries"},
+            **{f"device_{name}": values for name, values in device.items() if name != "n_queries"},
             "n_queries": device["n_queries"],
             "gate_passed": np.zeros(len(device_ids), bool) if gate_passed is None else gate_passed.astype(bool),
             "samples_trained": samples_trained.astype(np.int64),
@@ -203,8 +198,7 @@ class DeviceHost:
         }
         return PackResult(columns=columns, uploads=uploads or {}, sums=sums or {}, weight=weight)
 
-    def _ranking(self, samples: RoundSamples, device_ids: np.ndarray, scores: np.ndarray, k: int) -> dict:
+    def _ranking(self, samples: RoundSamples, device_ids: np.ndarray, scores: np.ndarray) -> dict:
         idx = samples.indices
-        return metrics.per_device_ranking(
-            self.data.sample_device[idx], self.data.query_ids(idx), self.data.label[idx], scores, device_ids, k
-        )
+        device_of, queries, labels = self.data.sample_device[idx], self.data.query_ids(idx), self.data.label[idx]
+        return metrics.per_device_ranking(device_of, queries, labels, scores, device_ids, self.config.metrics.ks)

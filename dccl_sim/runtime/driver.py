@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dccl_sim import metrics
-from dccl_sim.algorithms.protocol import DEVICE_COLUMNS, concat_columns
+from dccl_sim.algorithms.protocol import concat_columns, result_columns
 from dccl_sim.config import SimConfig
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime import latency
@@ -163,11 +163,14 @@ def _run(
         evaluation: metrics.Evaluation = cloud.evaluate()
         clock.measure("t_eval_s", tic)
 
-        names = tuple(phase.results[0].columns) if phase.results else (*DEVICE_COLUMNS, *strategy.device_columns)
+        ranking = metrics.ranking_names(config.metrics.ks)
+        names = (
+            tuple(phase.results[0].columns) if phase.results else (*result_columns(ranking), *strategy.device_columns)
+        )
         columns = concat_columns(phase.results, names)
         ids = columns["device_id"].astype(np.int64)
         broadcast = broadcast_evaluation.of_devices(ids)
-        columns |= {f"broadcast_{name}": broadcast[name] for name in ("auc", "hr", "ndcg")}
+        columns |= {f"broadcast_{name}": broadcast[name] for name in ("auc", *ranking)}
         actual = strategy.device_cost(cost, counts["n_local"][ids], counts["n_eval"][ids], columns)
         columns["flops"] = actual.flops
         times = latency.device_times(profiles.subset(ids), actual.flops, actual.download_bytes, actual.upload_bytes)
@@ -268,15 +271,12 @@ def _round_record(
     strategy_columns: dict[str, float],
 ) -> RoundRecord:
     tail = bucket_of_device[columns["device_id"].astype(np.int64)] == 0
+    names = metrics.ranking_names(config.metrics.ks)
 
     def pooled(prefix: str, mask: np.ndarray | slice = slice(None)) -> dict[str, float]:
-        return metrics.summarize_devices(
-            columns["n_test"][mask],
-            columns[f"{prefix}_auc"][mask],
-            columns[f"{prefix}_hr"][mask],
-            columns[f"{prefix}_ndcg"][mask],
-            columns["n_queries"][mask],
-        )
+        ranking = {name: columns[f"{prefix}_{name}"][mask] for name in names}
+        n_test, n_queries = columns["n_test"][mask], columns["n_queries"][mask]
+        return metrics.summarize_devices(n_test, columns[f"{prefix}_auc"][mask], n_queries, ranking)
 
     start, device, tail_start, tail_device = (
         pooled("start"),
@@ -286,6 +286,22 @@ def _round_record(
     )
     broadcast, tail_broadcast = pooled("broadcast"), pooled("broadcast", tail)
     cloud, tail_cloud = evaluation.overall, evaluation.buckets[0]
+    # every model's ranking metrics at every cut-off, named <model>_hr@K, tail_<model>_ndcg@K, <model>_mrr ...
+    ranking_columns = {
+        f"{prefix}_{name}": values[name]
+        for prefix, values in (
+            ("broadcast", broadcast),
+            ("tail_broadcast", tail_broadcast),
+            ("start", start),
+            ("tail_start", tail_start),
+            ("device", device),
+            ("tail_device", tail_device),
+            ("cloud", cloud.ranking),
+            ("tail_cloud", tail_cloud.ranking),
+        )
+        for name in names
+    }
+    k = config.metrics.k
     compute = _spread(columns["compute_s"])
     return RoundRecord(
         round=t,
@@ -296,20 +312,16 @@ def _round_record(
         n_failed=len(failed_packs),
         broadcast_gauc=broadcast["gauc"],
         tail_broadcast_gauc=tail_broadcast["gauc"],
-        broadcast_hr10=broadcast["hr"],
-        broadcast_ndcg10=broadcast["ndcg"],
-        tail_broadcast_hr10=tail_broadcast["hr"],
-        tail_broadcast_ndcg10=tail_broadcast["ndcg"],
         start_gauc=start["gauc"],
         tail_start_gauc=tail_start["gauc"],
-        start_hr10=start["hr"],
-        start_ndcg10=start["ndcg"],
+        start_hr10=start[f"hr@{k}"],
+        start_ndcg10=start[f"ndcg@{k}"],
         device_gauc=device["gauc"],
         tail_device_gauc=tail_device["gauc"],
-        device_hr10=device["hr"],
-        device_ndcg10=device["ndcg"],
-        tail_device_hr10=tail_device["hr"],
-        tail_device_ndcg10=tail_device["ndcg"],
+        device_hr10=device[f"hr@{k}"],
+        device_ndcg10=device[f"ndcg@{k}"],
+        tail_device_hr10=tail_device[f"hr@{k}"],
+        tail_device_ndcg10=tail_device[f"ndcg@{k}"],
         cloud_auc=cloud.auc,
         cloud_gauc=cloud.gauc,
         cloud_hr10=cloud.hr,
@@ -334,6 +346,7 @@ def _round_record(
         upload_bytes_per_device=upload,
         download_bytes_per_device=download,
         late_packs=len(late_packs),
+        **ranking_columns,
         **strategy_columns,
         **{key if key.startswith("cloud_") else f"cloud_{key}": float(value) for key, value in cloud_stats.items()},
     )

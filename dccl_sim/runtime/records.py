@@ -39,8 +39,10 @@ def device_record_columns(strategy: type) -> tuple[str, ...]:
 
 
 class RoundRecord(BaseModel):
-    """One round of a run: the columns every strategy records; a strategy's own (`Strategy.round_columns`) and
-    its cloud step's statistics (`cloud_<key>`) come as extra fields."""
+    """One round of a run: the columns every strategy records; the ranking metrics at every cut-off
+    (`<model>_hr@K`, `<model>_ndcg@K`, `<model>_mrr`), a strategy's own columns (`Strategy.round_columns`) and its
+    cloud step's statistics (`cloud_<key>`) come as extra fields. `*_hr10` and `*_ndcg10` are the names from before
+    `metrics.ks`, kept as aliases for one release: HR and NDCG at `metrics.k`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -86,10 +88,6 @@ class RoundRecord(BaseModel):
     # the plain broadcast model over the participants with results (NaN in runs written before it was recorded)
     broadcast_gauc: float = math.nan
     tail_broadcast_gauc: float = math.nan
-    broadcast_hr10: float = math.nan
-    broadcast_ndcg10: float = math.nan
-    tail_broadcast_hr10: float = math.nan
-    tail_broadcast_ndcg10: float = math.nan
     # PSS of the driver and the processes it started (an embedded Ray's workers included); NaN in older runs
     peak_memory_mb: float = math.nan
 
