@@ -30,8 +30,8 @@ PLOTS = {
     "device_times": "device_times.png",
     "personalization": "personalization.png",
 }
-MODELS = (("start", "start (broadcast)", "tab:blue"), ("device", "device (personalized)", "tab:orange"))
-MODELS += (("cloud", "cloud (after update)", "tab:green"),)
+MODELS = (("broadcast", "broadcast (θ̂ = 0)", "tab:gray"), ("start", "start (starting patch)", "tab:blue"))
+MODELS += (("device", "device (personalized)", "tab:orange"), ("cloud", "cloud (after update)", "tab:green"))
 # The device phase's wall clock includes the gather (results arriving after the first), so the bar splits it.
 PHASES = (
     ("broadcast", "t_broadcast_s"),
@@ -49,6 +49,8 @@ def write_report(run_dir: Path) -> Path:
     """Write `run_dir/report.md` and its PNG plots; return the markdown file's path."""
     run_dir = Path(run_dir)
     config, rounds, devices = read_run(run_dir)
+    if "broadcast_gauc" in rounds:
+        rounds["device_minus_broadcast"] = rounds["device_gauc"] - rounds["broadcast_gauc"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +114,9 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
     lines += ["", f"Finished rounds: {n} of {config.get('rounds', '?')} configured.", ""]
     lines += ["## Metrics per round", ""]
     lines += [
-        "`start` is the broadcast model the devices began from, `device` the personalized on-device models, "
+        "`broadcast` is the plain broadcast model (θ̂ = 0, no starting patch), `start` the model the devices began "
+        "from (dccl adds its starting meta-patch θ̃), `device` the personalized on-device models (the personalization "
+        "gain is `device − broadcast`), "
         "`cloud` the cloud model after the round's update; `tail` is the least active bucket of devices (bucket 0). "
         f"Evaluated on the `{_get(config, 'metrics.split', 'test')}` split with "
         f"{_get(config, 'data.eval_negatives', '?')} negatives per positive"
@@ -127,10 +131,12 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
         rounds,
         [
             ("round", "round", "d"),
+            ("broadcast GAUC", "broadcast_gauc", ".4f"),
             ("start GAUC", "start_gauc", ".4f"),
             ("device GAUC", "device_gauc", ".4f"),
+            ("device − broadcast", "device_minus_broadcast", "+.4f"),
             ("cloud GAUC", "cloud_gauc", ".4f"),
-            ("tail start GAUC", "tail_start_gauc", ".4f"),
+            ("tail broadcast GAUC", "tail_broadcast_gauc", ".4f"),
             ("tail device GAUC", "tail_device_gauc", ".4f"),
             ("tail cloud GAUC", "tail_cloud_gauc", ".4f"),
             ("gate pass rate", "gate_pass_rate", ".2f"),
@@ -138,9 +144,13 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
     )
     lines.append("")
     ranking = [("round", "round", "d")]
-    for metric, label in (("hr10", "HR@10"), ("ndcg10", "NDCG@10")):
-        ranking += [(f"{model} {label}", f"{model}_{metric}", ".4f") for model in ("start", "device", "cloud")]
-        ranking += [(f"tail {model} {label}", f"tail_{model}_{metric}", ".4f") for model in ("device", "cloud")]
+    k = _get(config, "metrics.k", 10)
+    # the @K columns; runs written before `metrics.ks` have only the *10 names (the same metrics at k = 10)
+    for metric, label in ((f"hr@{k}", f"HR@{k}"), (f"ndcg@{k}", f"NDCG@{k}"), ("mrr", "MRR")):
+        legacy = {f"hr@{k}": "hr10", f"ndcg@{k}": "ndcg10"}.get(metric, metric)
+        for model in ("broadcast", "device", "cloud"):
+            name = f"{model}_{metric}" if f"{model}_{metric}" in rounds else f"{model}_{legacy}"
+            ranking.append((f"{model} {label}", name, ".4f"))
     lines += [*_table(rounds, ranking), ""]
     lines += ["## Latency per round", ""]
     lines += [
@@ -257,15 +267,16 @@ def _plot_metrics(rounds, path: Path) -> tuple[str, str]:
     fig, ax = _figure(8.0, 4.2)
     x = rounds["round"]
     # colour says which model, line style which devices; start is drawn wide underneath, as device often sits on it
-    for (model, _, color), width in zip(MODELS, (4.0, 1.8, 1.8), strict=True):
-        alpha = 0.55 if model == "start" else 1.0
+    shown = [m for m in MODELS if f"{m[0]}_gauc" in rounds]  # runs written before the broadcast baseline lack it
+    for (model, _, color), width in zip(shown, (6.0, 4.0, 1.8, 1.8)[-len(shown) :], strict=True):
+        alpha = 0.55 if model in ("broadcast", "start") else 1.0
         ax.plot(x, rounds[f"{model}_gauc"], color=color, marker="o", lw=width, alpha=alpha)
         ax.plot(x, rounds[f"tail_{model}_gauc"], color=color, marker="s", ls="--", lw=width, alpha=alpha)
     _round_axis(ax, x)
     ax.set_ylabel("GAUC (per-device AUC,\nweighted by test samples)")
     ax.set_title(f"GAUC per round — {rounds['strategy'][-1]}, {int(rounds['n_devices'][-1]):,} devices")
     ax.grid(alpha=0.3)
-    models = [Line2D([], [], color=color, lw=3, label=label) for _, label, color in MODELS]
+    models = [Line2D([], [], color=color, lw=3, label=label) for _, label, color in shown]
     subsets = [
         Line2D([], [], color="black", marker="o", label="all devices"),
         Line2D([], [], color="black", marker="s", ls="--", label="long tail (bucket 0)"),
@@ -359,7 +370,9 @@ def _bucket_labels(config: dict, counts: np.ndarray) -> list[str]:
 
 def _plot_gain(devices, config, path: Path) -> tuple[str, str]:
     fig, ax = _figure()
-    gain = devices["device_auc"] - devices["start_auc"]
+    # against the plain broadcast model (θ̂ = 0); runs written before it was recorded fall back to the start model
+    baseline = "broadcast_auc" if np.isfinite(devices.get("broadcast_auc", np.array([np.nan]))).any() else "start_auc"
+    gain = devices["device_auc"] - devices[baseline]
     buckets = devices["bucket"].astype(int)
     count = int(buckets.max()) + 1 if len(buckets) else 1
     all_rounds = np.unique(devices["round"])
@@ -383,7 +396,7 @@ def _plot_gain(devices, config, path: Path) -> tuple[str, str]:
     per_bucket = np.bincount(buckets[last & np.isfinite(gain)], minlength=count)
     ax.set_xticks(np.arange(count), _bucket_labels(config, per_bucket))
     ax.set_xlabel(f"activity bucket (quantile range of training interactions); n = evaluated in round {shown[-1]}")
-    ax.set_ylabel("AUC gain: device − start")
+    ax.set_ylabel(f"AUC gain: device − {baseline.removesuffix('_auc')}")
     ax.set_title("Personalization gain per device, mean ± 95% CI")
     ax.grid(axis="y", alpha=0.3)
     finite = gain[np.isfinite(gain)]
