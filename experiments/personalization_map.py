@@ -7,7 +7,10 @@ user activity × cloud staleness, as tables and heat maps.
 For every deviation strength and seed it runs, in-process on the validation split:
 - `metapatch` with a frozen cloud (`cloud.finetune_epochs=0`): in round t the broadcast model has not learned the
   t + 1 windows the devices hold, so the cloud is t + 1 windows stale. The personalization gain is GAUC(device
-  models) − GAUC(broadcast model), per activity bucket;
+  models) − GAUC(broadcast model), per activity bucket, pooled from devices.parquet's `device_auc` and
+  `broadcast_auc`: the broadcast model is the plain W_t (θ̂ = 0, no starting patch), the honest baseline. (For
+  metapatch it is also the model the devices start from, `start_auc`, which files written before `broadcast_auc`
+  existed used: the same numbers. dccl's start adds the cloud's starting meta-patch θ̃ and can be worse than W_t.);
 - `cloud_only` and `dccl` with the default cloud update (always one window stale, the DESIGN.md protocol): the
   MoMoDistill gain is GAUC(dccl's cloud) − GAUC(cloud_only's cloud) after the last round, per activity bucket.
 
@@ -87,7 +90,7 @@ def measure(deviation: float, seed: int, args: argparse.Namespace, work_dir: Pat
     ]
     frozen = run_devices([*common, "strategy=metapatch", "cloud.finetune_epochs=0"], work_dir, "frozen")
     personal = [
-        (np.array(bucket_gauc(frozen, r, "device_auc", n_buckets)) - bucket_gauc(frozen, r, "start_auc", n_buckets))
+        (np.array(bucket_gauc(frozen, r, "device_auc", n_buckets)) - bucket_gauc(frozen, r, "broadcast_auc", n_buckets))
         for r in range(args.rounds)
     ]
     last = args.rounds - 1
@@ -170,7 +173,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{' '.join(results['regime'])}`, overrides `{' '.join(results['overrides']) or '(none)'}`.",
         f"Command: `{results['command']}`",
         "",
-        "Columns: users' activity quantile (training interactions; the first is the long tail) and all users.",
+        "Columns: users' activity quantile (training interactions; the first is the long tail) and all users. "
+        "The broadcast model is the plain W_t the devices received (θ̂ = 0, no starting patch): the personalization "
+        "gain is what the device models add over simply using it.",
     ]
     for s in range(1, results["rounds"] + 1):
         lines += ["", f"Personalization gain (device − broadcast GAUC), cloud {s} window(s) stale:", "", *header]

@@ -1,18 +1,28 @@
-"""The strategies side by side on MovieLens-100K: a per-round table of start / device / cloud GAUC, HR@10, NDCG@10.
+"""The strategies side by side on MovieLens-100K: a per-round table of broadcast / start / device / cloud GAUC,
+HR@10, NDCG@10 and MRR.
 
 Runs every chosen strategy × seed for R rounds with the in-process runtime (the same round loop as Ray) and writes
 the rounds as JSON, markdown tables (mean ± std over seeds; per activity bucket) and two plots (OUT_rounds.png:
-metrics per round; OUT_buckets.png: personalization gain by user activity). Choose settings on the validation
-split (the default), report test:
+metrics per round; OUT_buckets.png: personalization gain device − broadcast by user activity). Choose settings on the
+validation split (the default), report test:
 
     .venv/bin/python experiments/strategies.py                              # 5 strategies, seed 0, 3 rounds, valid
     .venv/bin/python experiments/strategies.py --split test --seeds 0,1,2 --out experiments/results/strategies_test
     .venv/bin/python experiments/strategies.py --strategies dccl --set cloud.beta=0.3 --out /tmp/beta03
 
-Columns: `start` is the broadcast model W_t the devices started from, `device` the personalized device models
-(MetaPatch / FedAvg / local fine-tuning; equal to start for cloud_only), `cloud` the cloud model after the round's
-update W_{t+1}; `tail` is the least active quarter of users (activity bucket 0). Torch runs with one thread
-(`--threads`): on a small shared machine more threads oversubscribe the CPU and slow everything down.
+Columns: `broadcast` is the plain broadcast model W_t (θ̂ = 0, no starting patch), the honest baseline: the headline
+personalization gain Δ = device − broadcast is what a device gains over simply using the cloud's model. `start` is
+the model a device starts from (W_t, plus for dccl the cloud's starting meta-patch θ̃, which can be worse than W_t);
+device − start, the second figure, is what the on-device step adds to that starting point. `device` is the
+personalized device models (MetaPatch / FedAvg / local fine-tuning; equal to start for cloud_only), `cloud` the cloud
+model after the round's update W_{t+1}; `tail` is the least active quarter of users (activity bucket 0).
+
+JSON per round (in `runs` per seed, in `mean` with `_std` over seeds): every rounds.parquet column in FIELDS and the
+ranking columns `[tail_]<model>_hr@K / _ndcg@K / _mrr`; `device_gain_vs_broadcast`, `tail_device_gain_vs_broadcast`,
+`bucket_device_gain_vs_broadcast` (the headline); `device_gain`, `tail_device_gain`, `bucket_device_gain` (device −
+start, their meaning in older files); `bucket_<model>_gauc` per activity bucket then all; `cloud_gain` and
+`bucket_cloud_gain` (paired with cloud_only). Torch runs with one thread (`--threads`): on a small shared machine more
+threads oversubscribe the CPU and slow everything down.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -44,8 +55,11 @@ from dccl_sim.report import bucket_column_labels, bucket_gauc
 RESULTS = Path(__file__).resolve().parent / "results"
 SAME_CLOUD_AS_CLOUD_ONLY = ("metapatch", "local_finetune", "coda")
 DEFAULT_STRATEGIES = ("cloud_only", "metapatch", "dccl", "fedavg", "local_finetune")
-# rounds.parquet columns kept per round (the run directory's public column names)
+# rounds.parquet columns kept per round (the run directory's public column names); the *_hr10 / *_ndcg10 aliases stay
+# so that the JSON keeps every field of older files
 FIELDS = (
+    "broadcast_gauc",
+    "tail_broadcast_gauc",
     "start_gauc",
     "device_gauc",
     "cloud_gauc",
@@ -73,6 +87,15 @@ FIELDS = (
 )
 # CoDA's own round columns: only CoDA runs record them; the other strategies have no candidates (0)
 ABSENT_AS_ZERO = ("candidates_per_device", "kept_per_device", "candidate_bytes_per_device")
+# the ranking columns at every cut-off of metrics.ks, kept too: e.g. device_hr@10, tail_cloud_ndcg@5, broadcast_mrr
+RANKING_COLUMN = re.compile(r"(tail_)?(broadcast|start|device|cloud)_(hr@\d+|ndcg@\d+|mrr)")
+# what the tables and plots show (NaN when a run's metrics.ks leaves out 10)
+SHOWN_RANKING = tuple(
+    f"{tail}{model}_{metric}"
+    for tail in ("", "tail_")
+    for model in ("broadcast", "start", "device", "cloud")
+    for metric in ("hr@10", "ndcg@10", "mrr")
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -116,7 +139,8 @@ def numpy_columns(table: Any) -> dict[str, np.ndarray]:
 
 
 def run_one(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
-    """One run's rounds as flat dicts: the FIELDS, the gains, and per-bucket GAUCs (lists: buckets, then all)."""
+    """One run's rounds as flat dicts: the FIELDS, the ranking columns, the gains (device − broadcast, the headline,
+    and device − start) and per-bucket GAUCs (lists: buckets, then all)."""
     out_dir = work_dir / f"{strategy}-{seed}"
     overrides = [
         "runtime.backend=local",
@@ -133,15 +157,24 @@ def run_one(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path) 
     results = load_run(out_dir, table_format="arrow")
     rounds, devices = numpy_columns(results.rounds), numpy_columns(results.devices)
     n_buckets = len(config.metrics.bucket_quantiles) + 1
+    ranking = [name for name in rounds if RANKING_COLUMN.fullmatch(name)]
+    names = [*FIELDS, *ranking, *(name for name in SHOWN_RANKING if name not in ranking)]
     rows = []
     for i, round_index in enumerate(rounds["round"].tolist()):
         row: dict[str, Any] = {"round": round_index}
-        for name in FIELDS:
-            row[name] = 0.0 if name in ABSENT_AS_ZERO and name not in rounds else float(rounds[name][i])
+        for name in names:
+            absent = 0.0 if name in ABSENT_AS_ZERO else math.nan
+            row[name] = float(rounds[name][i]) if name in rounds else absent
+        # the headline: against the plain broadcast model; the second figure: against the device's starting model
+        row["device_gain_vs_broadcast"] = row["device_gauc"] - row["broadcast_gauc"]
+        row["tail_device_gain_vs_broadcast"] = row["tail_device_gauc"] - row["tail_broadcast_gauc"]
         row["device_gain"] = row["device_gauc"] - row["start_gauc"]
         row["tail_device_gain"] = row["tail_device_gauc"] - row["tail_start_gauc"]
-        for model in ("start", "device", "cloud"):
+        for model in ("broadcast", "start", "device", "cloud"):
             row[f"bucket_{model}_gauc"] = bucket_gauc(devices, round_index, f"{model}_auc", n_buckets)
+        row["bucket_device_gain_vs_broadcast"] = list(
+            np.subtract(row["bucket_device_gauc"], row["bucket_broadcast_gauc"])
+        )
         row["bucket_device_gain"] = list(np.subtract(row["bucket_device_gauc"], row["bucket_start_gauc"]))
         rows.append(row)
     return rows
@@ -179,6 +212,26 @@ def mean_over_seeds(rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
+# files written before metrics.ks name the ranking metrics at 10 without the "@" (device_hr10, tail_cloud_ndcg10)
+LEGACY = {"hr@10": "hr10", "ndcg@10": "ndcg10"}
+
+
+def _key(row: dict[str, Any], name: str) -> str:
+    """`name`, or its older alias in a file that lacks it (device_hr@10 → device_hr10)."""
+    if name in row:
+        return name
+    for new, old in LEGACY.items():
+        if name.endswith(new) and name[: -len(new)] + old in row:
+            return name[: -len(new)] + old
+    return name
+
+
+def _value(row: dict[str, Any], name: str) -> float:
+    """A field's value by `_key`, NaN when absent (a field newer than the file)."""
+    value = row.get(_key(row, name))
+    return math.nan if value is None else value
+
+
 def _fmt(value: float, signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "—"
@@ -186,12 +239,33 @@ def _fmt(value: float, signed: bool = False) -> str:
 
 
 def _pm(row: dict[str, Any], name: str, signed: bool = False) -> str:
-    """mean ± std over seeds (the std only with several seeds)."""
-    mean = _fmt(row[name], signed)
-    return f"{mean} ± {row[f'{name}_std']:.4f}" if row["n_seeds"] > 1 and mean != "—" else mean
+    """mean ± std over seeds (the std only with several seeds); "—" for a field the file lacks."""
+    mean = _fmt(_value(row, name), signed)
+    std = row.get(f"{_key(row, name)}_std")
+    return f"{mean} ± {std:.4f}" if row["n_seeds"] > 1 and mean != "—" and std is not None else mean
+
+
+def _num(row: dict[str, Any], name: str, spec: str, scale: float = 1.0) -> str:
+    """A field formatted by `spec` after scaling, "—" when NaN or absent."""
+    value = _value(row, name)
+    return "—" if math.isnan(value) else format(scale * value, spec)
+
+
+BASELINES = (
+    "`broadcast`: the plain broadcast model W_t (θ̂ = 0, no starting patch), the honest baseline, so the headline "
+    "`Δ` = device − broadcast (per seed, then averaged) is what a device gains over simply using the cloud's model. "
+    "`start`: the model a device starts from (W_t, plus for dccl the cloud's starting meta-patch θ̃, which can be "
+    "worse than W_t), so `device − start`, the second figure, is what the on-device step adds to that start."
+)
+
+
+def _bucket_gain(row: dict[str, Any]) -> str:
+    """The per-bucket personalization gain's field: device − broadcast, or device − start in a file older than it."""
+    return "bucket_device_gain_vs_broadcast" if "bucket_device_gain_vs_broadcast" in row else "bucket_device_gain"
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The tables (for this script's JSON, older files included: a field they lack shows as "—")."""
     split, seeds, mean = results["split"], results["seeds"], results["mean"]
     several = len(seeds) > 1
     lines = [
@@ -201,37 +275,44 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['rounds']} rounds, overrides: `{' '.join(results['overrides']) or '(none)'}`.",
         f"Command: `{results['command']}`",
         "",
-        "`start`: the broadcast model W_t the devices started from; `device`: the personalized device models; "
-        "`Δ` = device − start (per seed, then averaged); `cloud`: W_{t+1} after the round's update; `tail`: activity "
+        BASELINES,
+        "`device`: the personalized device models; `cloud`: W_{t+1} after the round's update; `tail`: activity "
         "bucket 0 (the least active quarter of users).",
         "",
         "## GAUC",
         "",
-        "| strategy | round | start | device | Δ | cloud | tail start | tail device | tail Δ | tail cloud "
-        "| gate pass |",
-        "|---|---|" + "---|" * 9,
+        "| strategy | round | broadcast | start | device | Δ = device − broadcast | device − start | cloud "
+        "| tail broadcast | tail device | tail Δ | tail device − start | tail cloud | gate pass |",
+        "|---|---|" + "---|" * 12,
     ]
     for strategy, rows in mean.items():
         for r in rows:
-            gate = "—" if math.isnan(r["gate_pass_rate"]) else f"{r['gate_pass_rate']:.2f}"
-            cells = [strategy, str(r["round"]), _fmt(r["start_gauc"]), _pm(r, "device_gauc")]
-            cells += [_pm(r, "device_gain", True), _pm(r, "cloud_gauc"), _fmt(r["tail_start_gauc"])]
-            cells += [_pm(r, "tail_device_gauc"), _pm(r, "tail_device_gain", True), _pm(r, "tail_cloud_gauc"), gate]
+            gate = _num(r, "gate_pass_rate", ".2f")
+            cells = [strategy, str(r["round"]), _pm(r, "broadcast_gauc"), _pm(r, "start_gauc"), _pm(r, "device_gauc")]
+            cells += [_pm(r, "device_gain_vs_broadcast", True), _pm(r, "device_gain", True), _pm(r, "cloud_gauc")]
+            cells += [_pm(r, "tail_broadcast_gauc"), _pm(r, "tail_device_gauc")]
+            cells += [_pm(r, "tail_device_gain_vs_broadcast", True), _pm(r, "tail_device_gain", True)]
+            cells += [_pm(r, "tail_cloud_gauc"), gate]
             lines.append("| " + " | ".join(cells) + " |")
+    models = ("broadcast", "device", "cloud")
     lines += [
         "",
-        "## HR@10 and NDCG@10",
+        "## HR@10, NDCG@10 and MRR",
         "",
-        "| strategy | round | HR@10 start | HR@10 device | HR@10 cloud | NDCG@10 start | NDCG@10 device "
-        "| NDCG@10 cloud | tail HR@10 device | tail NDCG@10 device | round s |",
-        "|---|---|" + "---|" * 9,
+        "The test positive ranked among its sampled negatives (`data.eval_negatives`); `broadcast` is the baseline "
+        "the device models are compared with.",
+        "",
+        "| strategy | round | "
+        + " | ".join(f"{metric} {model}" for metric in ("HR@10", "NDCG@10", "MRR") for model in models)
+        + " | tail HR@10 broadcast | tail HR@10 device | tail NDCG@10 broadcast | tail NDCG@10 device | round s |",
+        "|---|---|" + "---|" * 14,
     ]
     for strategy, rows in mean.items():
         for r in rows:
-            cells = [strategy, str(r["round"]), _fmt(r["start_hr10"]), _pm(r, "device_hr10"), _pm(r, "cloud_hr10")]
-            cells += [_fmt(r["start_ndcg10"]), _pm(r, "device_ndcg10"), _pm(r, "cloud_ndcg10")]
-            cells += [_pm(r, "tail_device_hr10"), _pm(r, "tail_device_ndcg10"), f"{r['t_round_s']:.0f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            cells = [strategy, str(r["round"])]
+            cells += [_pm(r, f"{model}_{metric}") for metric in ("hr@10", "ndcg@10", "mrr") for model in models]
+            cells += [_pm(r, f"tail_{model}_{metric}") for metric in ("hr@10", "ndcg@10") for model in models[:2]]
+            lines.append("| " + " | ".join([*cells, _num(r, "t_round_s", ".0f")]) + " |")
     lines += [
         "",
         "## Device-side cost per round (means over participants; CoDA's candidates and kept samples)",
@@ -241,9 +322,14 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for strategy, rows in mean.items():
         for r in rows:
-            cells = [strategy, str(r["round"]), f"{r['candidates_per_device']:.1f}", f"{r['kept_per_device']:.1f}"]
-            cells += [f"{r['candidate_bytes_per_device'] / 1e3:.1f}", f"{1e3 * r['device_compute_p50_s']:.2f}"]
-            lines.append("| " + " | ".join([*cells, f"{r['t_devices_s']:.1f}"]) + " |")
+            cells = [
+                strategy,
+                str(r["round"]),
+                _num(r, "candidates_per_device", ".1f"),
+                _num(r, "kept_per_device", ".1f"),
+            ]
+            cells += [_num(r, "candidate_bytes_per_device", ".1f", 1e-3), _num(r, "device_compute_p50_s", ".2f", 1e3)]
+            lines.append("| " + " | ".join([*cells, _num(r, "t_devices_s", ".1f")]) + " |")
     if "cloud_only" in mean:
         rounds = [r["round"] for r in mean["cloud_only"]]
         lines += ["", "## Cloud GAUC minus cloud_only's (paired by seed)", ""]
@@ -251,14 +337,24 @@ def markdown(results: dict[str, Any]) -> str:
         for strategy, rows in mean.items():
             lines.append(f"| {strategy} | " + " | ".join(_pm(r, "cloud_gain", True) for r in rows) + " |")
     labels = bucket_column_labels(results["bucket_quantiles"])
+    older = any(_bucket_gain(r) == "bucket_device_gain" for rows in mean.values() for r in rows)
     for r_index in sorted({0, results["rounds"] - 1}):
-        lines += ["", f"## Personalization gain (device − start GAUC) by user activity, round {r_index}", ""]
+        baseline = "start" if older else "broadcast"
+        lines += ["", f"## Personalization gain (device − {baseline} GAUC) by user activity, round {r_index}", ""]
+        lines += [
+            "This file predates the broadcast baseline: device − start per bucket."
+            if older
+            else "Bucket GAUCs pooled from the per-device `device_auc` and `broadcast_auc`; device − start per bucket "
+            "is in the JSON (`bucket_device_gain`).",
+            "",
+        ]
         lines += ["| strategy | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for strategy, rows in mean.items():
             r = rows[r_index]
+            name = "bucket_device_gain" if older else "bucket_device_gain_vs_broadcast"
             cells = [
                 _fmt(m, True) + (f" ± {sd:.4f}" if several and not math.isnan(m) else "")
-                for m, sd in zip(r["bucket_device_gain"], r["bucket_device_gain_std"], strict=True)
+                for m, sd in zip(r[name], r[f"{name}_std"], strict=True)
             ]
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     lines += ["", *(f"![{caption}]({name})" for name, caption in results["plots"])]
@@ -267,21 +363,23 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
-    """`OUT_rounds.png` (metrics per round) and `OUT_buckets.png` (personalization gain by activity bucket)."""
+    """`OUT_rounds.png` (metrics per round: broadcast, device and cloud models) and `OUT_buckets.png`
+    (personalization gain device − broadcast by activity bucket)."""
     mean, several = results["mean"], len(results["seeds"]) > 1
     colors = dict(zip(results["mean"], plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    for ax, (metric, title) in zip(axes, (("gauc", "GAUC"), ("hr10", "HR@10"), ("ndcg10", "NDCG@10")), strict=True):
+    for ax, (metric, title) in zip(axes, (("gauc", "GAUC"), ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10")), strict=True):
         for strategy, rows in mean.items():
             rounds = [r["round"] for r in rows]
-            for model, style in (("cloud", "-"), ("device", "--")):
-                # SAME_CLOUD_AS_CLOUD_ONLY update the cloud exactly as cloud_only; cloud_only never personalizes
-                if (model == "cloud" and strategy in SAME_CLOUD_AS_CLOUD_ONLY) or (
+            for model, style in (("cloud", "-"), ("broadcast", ":"), ("device", "--")):
+                # SAME_CLOUD_AS_CLOUD_ONLY update the cloud exactly as cloud_only, so they broadcast its models too;
+                # cloud_only never personalizes
+                if (model in ("cloud", "broadcast") and strategy in SAME_CLOUD_AS_CLOUD_ONLY) or (
                     model == "device" and strategy == "cloud_only"
                 ):
                     continue
-                values = [r[f"{model}_{metric}"] for r in rows]
-                errors = [r[f"{model}_{metric}_std"] for r in rows] if several else None
+                values = [_value(r, f"{model}_{metric}") for r in rows]
+                errors = [r.get(f"{_key(r, f'{model}_{metric}')}_std", math.nan) for r in rows] if several else None
                 ax.errorbar(
                     rounds,
                     values,
@@ -299,8 +397,8 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(
-        f"{results['source']}, {results['split']} split: cloud model after each round (solid) and personalized device "
-        "models (dashed), mean ± std over seeds",
+        f"{results['source']}, {results['split']} split: cloud model after each round (solid), plain broadcast model "
+        "W_t the round's devices received (dotted) and personalized device models (dashed), mean ± std over seeds",
         fontsize=10,
     )
     rounds_png = out.parent / f"{out.name}_rounds.png"
@@ -316,12 +414,13 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         for i, strategy in enumerate(personalized):
             row = mean[strategy][r_index]
             x = np.arange(len(labels)) - 0.4 + width * (i + 0.5)
-            errors = row["bucket_device_gain_std"] if several else None
-            ax.bar(x, row["bucket_device_gain"], width, yerr=errors, capsize=2, color=colors[strategy], label=strategy)
+            name = _bucket_gain(row)
+            errors = row[f"{name}_std"] if several else None
+            ax.bar(x, row[name], width, yerr=errors, capsize=2, color=colors[strategy], label=strategy)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
         ax.set_xlabel("users' activity quantile (training interactions)")
-        ax.set_ylabel("GAUC gain: device − start")
+        ax.set_ylabel("GAUC gain: device − broadcast")
         ax.set_title(f"Personalization gain by user activity, round {r_index}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=7)
@@ -329,8 +428,8 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     fig.savefig(buckets_png, dpi=120)
     plt.close(fig)
     return [
-        (rounds_png.name, "Cloud and device metrics per round, mean ± std over seeds"),
-        (buckets_png.name, "Personalization gain by user activity bucket, mean ± std over seeds"),
+        (rounds_png.name, "Cloud, broadcast and device metrics per round, mean ± std over seeds"),
+        (buckets_png.name, "Personalization gain (device − broadcast) by user activity bucket, mean ± std over seeds"),
     ]
 
 
@@ -352,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.quiet:
                     first, last = rows[0], rows[-1]
                     print(
-                        f"{strategy} seed {seed}: round-0 Δdevice {first['device_gauc'] - first['start_gauc']:+.4f}, "
+                        f"{strategy} seed {seed}: round-0 device − broadcast {first['device_gain_vs_broadcast']:+.4f}"
+                        f" (− start {first['device_gain']:+.4f}), "
                         f"final cloud GAUC {last['cloud_gauc']:.4f} ({time.perf_counter() - tic:.0f} s)",
                         flush=True,
                     )

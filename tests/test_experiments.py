@@ -53,6 +53,103 @@ def test_strategies_table_pairs_runs_and_reports_the_mean_over_seeds(tmp_path: P
     assert "| dccl | 1 |" in table and "paired by seed" in table and "by user activity, round 1" in table
     for name, _ in written["plots"]:
         assert (tmp_path / name).stat().st_size > 10_000
+    _check_personalization_gain_against_broadcast(written, table)
+    _check_ranking_columns(written, table)
+
+
+def _markdown_table(text: str, heading: str) -> list[dict[str, str]]:
+    """The rows (header → cell) of the first markdown table after `heading`."""
+    lines = text[text.index(heading) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:+.4f} ± {std:.4f}"
+
+
+def _check_personalization_gain_against_broadcast(written: dict, table: str) -> None:
+    """The headline gain is device − broadcast (the plain W_t), device − start the second figure; dccl starts from W_t
+    plus its starting meta-patch, so on this tiny run the two differ and a table still showing device − start fails."""
+    for strategy, seeds in written["runs"].items():
+        for run in seeds:
+            for r, row in enumerate(run["rounds"]):
+                assert row["device_gain_vs_broadcast"] == pytest.approx(row["device_gauc"] - row["broadcast_gauc"])
+                assert row["tail_device_gain_vs_broadcast"] == pytest.approx(
+                    row["tail_device_gauc"] - row["tail_broadcast_gauc"]
+                )
+                assert row["device_gain"] == pytest.approx(row["device_gauc"] - row["start_gauc"])  # the old meaning
+                # per bucket from devices.parquet's broadcast_auc, pooled like the round's broadcast_gauc
+                assert row["bucket_broadcast_gauc"][-1] == pytest.approx(row["broadcast_gauc"], abs=1e-9)
+                assert row["bucket_device_gain_vs_broadcast"][-1] == pytest.approx(
+                    row["device_gain_vs_broadcast"], abs=1e-9
+                )
+                if r > 0:  # every device participates: round t broadcasts round t-1's updated cloud
+                    assert row["broadcast_gauc"] == pytest.approx(run["rounds"][r - 1]["cloud_gauc"])
+            if strategy == "cloud_only":  # the devices keep the broadcast model
+                assert all(row["device_gain_vs_broadcast"] == 0.0 for row in run["rounds"])
+    dccl = written["runs"]["dccl"]
+    assert any(row["start_gauc"] != pytest.approx(row["broadcast_gauc"]) for run in dccl for row in run["rounds"])
+    gauc = [row for row in _markdown_table(table, "## GAUC") if row["strategy"] == "dccl"]
+    buckets = _markdown_table(table, "## Personalization gain (device − broadcast GAUC) by user activity, round 1")
+    differs = False
+    for row, mean in zip(gauc, written["mean"]["dccl"], strict=True):
+        headline = _pm(mean["device_gain_vs_broadcast"], mean["device_gain_vs_broadcast_std"])
+        assert row["Δ = device − broadcast"] == headline
+        assert row["device − start"] == _pm(mean["device_gain"], mean["device_gain_std"])
+        assert row["tail Δ"] == _pm(mean["tail_device_gain_vs_broadcast"], mean["tail_device_gain_vs_broadcast_std"])
+        assert row["broadcast"] == f"{mean['broadcast_gauc']:.4f} ± {mean['broadcast_gauc_std']:.4f}"
+        differs |= row["Δ = device − broadcast"] != row["device − start"]
+    assert differs
+    assert next(row for row in buckets if row["strategy"] == "dccl")["all"] == gauc[1]["Δ = device − broadcast"]
+
+
+def _check_ranking_columns(written: dict, table: str) -> None:
+    """HR/NDCG at every cut-off and MRR per model in the JSON (the *10 aliases kept); HR@10, NDCG@10 and MRR of the
+    broadcast, device and cloud models in the table."""
+    row = written["runs"]["dccl"][0]["rounds"][1]
+    for model in ("broadcast", "start", "device", "cloud"):
+        for tail in ("", "tail_"):
+            for k in (5, 10, 20):
+                assert 0.0 <= row[f"{tail}{model}_hr@{k}"] <= 1.0
+                assert row[f"{tail}{model}_ndcg@{k}"] <= row[f"{tail}{model}_hr@{k}"]
+            assert 0.0 < row[f"{tail}{model}_mrr"] <= 1.0
+    for model in ("start", "device", "cloud"):
+        assert row[f"{model}_hr10"] == row[f"{model}_hr@10"] and row[f"{model}_ndcg10"] == row[f"{model}_ndcg@10"]
+    ranking = _markdown_table(table, "## HR@10, NDCG@10 and MRR")
+    mean = written["mean"]["dccl"][1]
+    dccl = next(r for r in ranking if r["strategy"] == "dccl" and r["round"] == "1")
+    for metric, name in (("HR@10", "hr@10"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr")):
+        for model in ("broadcast", "device", "cloud"):
+            expected = f"{mean[f'{model}_{name}']:.4f} ± {mean[f'{model}_{name}_std']:.4f}"
+            assert dccl[f"{metric} {model}"] == expected
+
+
+def test_strategies_markdown_still_renders_a_file_without_the_broadcast_columns(tmp_path: Path) -> None:
+    """A JSON written before the broadcast baseline and the @K names: its ranking numbers through the *10 aliases,
+    "—" where it has no broadcast model, and its per-bucket gain labelled device − start."""
+    out = tmp_path / "strategies"
+    argv = ["--strategies", "cloud_only,metapatch", "--seeds", "0", "--rounds", "1", "--out", str(out), "--quiet"]
+    assert strategies.main([*argv, *SMALL, "--set", "data.source=synthetic", "--set", "data.num_devices=40"]) == 0
+    written = json.loads(out.with_suffix(".json").read_text())
+    for rows in written["mean"].values():
+        for row in rows:
+            for name in [n for n in row if "broadcast" in n or "@" in n or n.endswith(("mrr", "mrr_std"))]:
+                del row[name]
+    table = strategies.markdown(written)
+    assert "by user activity, round 0" in table and "predates the broadcast baseline" in table
+    metapatch = next(r for r in _markdown_table(table, "## GAUC") if r["strategy"] == "metapatch")
+    assert metapatch["broadcast"] == "—" and metapatch["Δ = device − broadcast"] == "—"
+    assert metapatch["device − start"] == f"{written['mean']['metapatch'][0]['device_gain']:+.4f}"
+    ranking = next(r for r in _markdown_table(table, "## HR@10, NDCG@10 and MRR") if r["strategy"] == "metapatch")
+    assert ranking["HR@10 device"] == f"{written['mean']['metapatch'][0]['device_hr10']:.4f}"
+    assert ranking["MRR device"] == "—"
 
 
 def test_strategies_rejects_an_unknown_strategy() -> None:
