@@ -273,7 +273,8 @@ def test_the_broadcast_baseline_is_the_model_the_cloud_left(tmp_path: Path, stra
     rounds, devices = _tables(tmp_path)
     for t in (1, 2):
         assert rounds["broadcast_gauc"][t] == pytest.approx(rounds["cloud_gauc"][t - 1], abs=1e-12)
-        assert rounds["broadcast_hr10"][t] == pytest.approx(rounds["cloud_hr10"][t - 1], abs=1e-12)
+        assert rounds["broadcast_hr@10"][t] == pytest.approx(rounds["cloud_hr@10"][t - 1], abs=1e-12)
+        assert rounds["broadcast_mrr"][t] == pytest.approx(rounds["cloud_mrr"][t - 1], abs=1e-12)
         assert rounds["tail_broadcast_gauc"][t] == pytest.approx(rounds["tail_cloud_gauc"][t - 1], abs=1e-12)
     device_round = np.array(devices["round"])
     for t in (1, 2):
