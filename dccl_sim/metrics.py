@@ -24,8 +24,11 @@ __all__ = [
     "gauc",
     "group_auc",
     "hit_rate_at_k",
+    "mean_reciprocal_rank",
     "ndcg_at_k",
+    "per_device_rank_metrics",
     "positive_ranks",
+    "rank_metrics",
 ]
 
 
@@ -456,3 +459,67 @@ def summarize_devices(
         if total_queries
         else float("nan"),
     }
+
+
+def _rank_gains(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Each query's contribution to every metric of `rank_metrics`, keyed as there: [r < K], [r < K] / log2(r + 2)
+    and 1 / (r + 1), as float64 arrays over the queries."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 1 or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must be a 1-D integer array, got shape {ranks.shape} and dtype {ranks.dtype}")
+    if len(ranks) and ranks.min() < 0:
+        raise ValueError("ranks are 0-based and must not be negative")
+    r = ranks.astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        _check_k(k)
+        hit = r < k
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+    out["mrr"] = 1.0 / (r + 1.0)
+    return out
+
+
+def mean_reciprocal_rank(ranks: np.ndarray) -> float:
+    """MRR = (1/Q) Σ_q 1 / (r_q + 1) over the queries' 0-based positive ranks r_q. NaN when there are no ranks."""
+    ranks = np.asarray(ranks)
+    return float((1.0 / (ranks + 1.0)).mean()) if len(ranks) else float("nan")
+
+
+def rank_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """Ranking metrics over Q queries from each positive's 0-based rank r_q among its candidates (sampled or full;
+    ties already counted against the positive, as `positive_ranks` and full ranking do), for every cut-off K in ks:
+
+        HR@K   = (1/Q) Σ_q [r_q < K]
+        NDCG@K = (1/Q) Σ_q [r_q < K] / log2(r_q + 2)     (one relevant item per query, so the ideal DCG is 1)
+        MRR    = (1/Q) Σ_q 1 / (r_q + 1)                 (no cut-off)
+
+    Keys "hr@K", "ndcg@K" for each K, and "mrr"; every value is NaN when there are no queries."""
+    gains = _rank_gains(ranks, ks)
+    return {name: float(g.mean()) if len(g) else float("nan") for name, g in gains.items()}
+
+
+def per_device_rank_metrics(
+    ranks: np.ndarray, query_device: np.ndarray, device_ids: np.ndarray, ks: Sequence[int] = (5, 10, 20)
+) -> dict[str, np.ndarray]:
+    """`rank_metrics` per device of `device_ids` (sorted): each metric is the mean over the device's own queries,
+    e.g. HR@K_u = (1/Q_u) Σ_{q of u} [r_q < K], with "n_queries" = Q_u; NaN (and 0 queries) for a device without
+    queries. `query_device[q]` is the device of query q; every one must be in `device_ids`. The population value is
+    the per-device mean weighted by Q_u (`summarize_devices`), not the plain mean over devices."""
+    query_device = _check_ids("query_device", np.asarray(query_device))
+    device_ids = np.asarray(device_ids)
+    gains = _rank_gains(ranks, ks)
+    if len(query_device) != len(np.asarray(ranks)):
+        raise ValueError(f"ranks and query_device must have the same length, got {len(ranks)} and {len(query_device)}")
+    rows = np.searchsorted(device_ids, query_device)
+    if len(query_device) and (rows.max() >= len(device_ids) or (device_ids[rows] != query_device).any()):
+        raise ValueError("every query's device must be one of device_ids")
+    count = np.bincount(rows, minlength=len(device_ids))
+    has = count > 0
+    out: dict[str, np.ndarray] = {}
+    for name, g in gains.items():
+        column = np.full(len(device_ids), np.nan)
+        column[has] = np.bincount(rows, weights=g, minlength=len(device_ids))[has] / count[has]
+        out[name] = column
+    out["n_queries"] = count.astype(np.int64)
+    return out
