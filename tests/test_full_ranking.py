@@ -93,7 +93,8 @@ def test_scores_equal_the_models_forward_plain_and_patched(ml100k_small, trained
     m = ml100k_small.meta.num_items
     # a test and a validation query, and a user's first training positive (an empty history)
     first = np.flatnonzero((data.split == SPLIT_TRAIN) & (data.label == 1) & (data.seq_pos == 0))[0]
-    batch = data.batch(np.array([_queries(data, SPLIT_TEST)[3], _queries(data, SPLIT_VALID)[40], first]), L)
+    indices = np.array([_queries(data, SPLIT_TEST)[3], _queries(data, SPLIT_VALID)[40], first])
+    batch = data.batch(indices, L)
     ranker = FullRanker(model, history_len=L)
     with torch.no_grad():
         expected = model(_expanded(batch, m)).view(len(batch), m)
@@ -108,11 +109,20 @@ def test_scores_equal_the_models_forward_plain_and_patched(ml100k_small, trained
     torch.manual_seed(1)
     patch = MetaPatch(model.hidden_sizes, k=16, rank=16)
     theta = torch.randn(len(batch), 16)
-    patched = FullRanker(model, patch, history_len=L).scores(batch, theta)
+    patched_ranker = FullRanker(model, patch, history_len=L)
+    patched = patched_ranker.scores(batch, theta)
     with torch.no_grad():
         expected = model(_expanded(batch, m), patch.patch(theta.repeat_interleave(m, 0))).view(len(batch), m)
     assert (expected - got).abs().max() > 1e-2  # the patches change the scores
     torch.testing.assert_close(patched, expected, rtol=0, atol=1e-5)
+
+    # several models on one W share z_0: the same ranks as ranking each alone
+    mask = exclusions(data, indices).mask(0, len(indices), m)
+    plain_ranks, patched_ranks = patched_ranker.ranks_many(data, indices, [None, theta])
+    assert plain_ranks.tolist() == ranker.ranks(data, indices).tolist()
+    assert plain_ranks.tolist() == ranks_among_candidates(got, batch.item, mask).tolist()
+    assert patched_ranks.tolist() == ranks_among_candidates(patched, batch.item, mask).tolist()
+    assert patched_ranks.tolist() != plain_ranks.tolist()
 
 
 @pytest.mark.parametrize("attention_hidden", [(7, 5), ()])

@@ -6,15 +6,18 @@ among its candidates (data/candidates.py), ties counted against it as in `metric
 The score s_q(j) of item j is the model's logit for the query's history and profile with target j: the same value as
 `model(batch)` on that sample (tests hold it to 1e-5), optionally under a per-query MetaPatch meta-patch θ (the
 personalized device models). The model computes z_0 of all items through `Recommender.first_hidden_all_items`,
-reusing `item_side()`; the rest of the top MLP runs on the [Q·M, d_0] rows of a chunk of queries.
+reusing `item_side()`; the rest of the top MLP runs on the [Q, M, d_0] rows of a chunk of queries. Several models
+sharing W (a round's broadcast, starting and personalized models) share z_0 (`ranks_many`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from torch.nn import functional
 
-from dccl_sim.algorithms.metapatch_step import patched_logits
 from dccl_sim.data.candidates import Exclusions, exclusions
 from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.models.base import Recommender
@@ -54,14 +57,27 @@ class FullRanker:
     def scores(self, batch: Batch, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [Q, M] of each query of `batch` (its history and profile) against every item, column m holding
         item m + 1; with `theta` [Q, k], query q's under the meta-patch theta[q]."""
-        q, m = len(batch), self.num_items
-        z0 = self.model.first_hidden_all_items(batch, self.side).reshape(q * m, -1)
+        return self._head(self.model.first_hidden_all_items(batch, self.side), theta)
+
+    @torch.no_grad()
+    def _head(self, z0: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+        """Logits [Q, M] from z_0 [Q, M, d_0]: the rest of the top MLP, under query q's meta-patch theta[q] if given."""
+        q, m, width = z0.shape
         if theta is None:
-            return self.model.head_from_first(z0).view(q, m)
+            return self.model.head_from_first(z0.view(q * m, width)).view(q, m)
         if self.patch is None:
             raise ValueError("meta-patches need the ranker's MetaPatch parameters (patch=...)")
-        device = torch.arange(q).repeat_interleave(m)
-        return patched_logits(self.model, self.patch, z0, theta, device).view(q, m)
+        # z_l' = z_l + B_l u_l with u_l = tanh(A_l z_l) (models/metapatch.py), so the next linear layer's
+        # W z_l' = W z_l + (W B_l) u_l: a query's M rows share θ, so W B_l is formed once per query and no
+        # [Q, M, d_l] patched copy of z_l is made
+        layers = [*self.model.hidden_layers[1:], self.model.output_layer]
+        z = z0
+        for down, up, layer in zip(self.patch.down, self.patch.up_transposes(theta), layers, strict=True):
+            u = torch.tanh(z @ down.T)  # [Q, M, r]
+            z = functional.linear(z, layer.weight, layer.bias).baddbmm_(u, up @ layer.weight.T)
+            if layer is not self.model.output_layer:
+                z = z.relu_()
+        return z.view(q, m)
 
     def ranks(
         self,
@@ -73,15 +89,30 @@ class FullRanker:
         """Full rank (int64) of the positive of every query, in the order of `query_indices` (positive samples of
         `data`); `excluded` defaults to `exclusions(data, query_indices)`, `theta` [Q, k] gives query q's
         meta-patch."""
+        return self.ranks_many(data, query_indices, [theta], excluded)[0]
+
+    def ranks_many(
+        self,
+        data: DeviceData,
+        query_indices: np.ndarray,
+        thetas: Sequence[torch.Tensor | None],
+        excluded: Exclusions | None = None,
+    ) -> list[np.ndarray]:
+        """`ranks` under several models that share W, one per entry of `thetas` (None: the plain model; [Q, k]:
+        per-query meta-patches). z_0 of a chunk is computed once for all of them: the broadcast, starting and
+        personalized models of a MetaPatch round differ only in their patches."""
         query_indices = np.asarray(query_indices, dtype=np.int64)
         excluded = exclusions(data, query_indices) if excluded is None else excluded
         if len(excluded) != len(query_indices):
             raise ValueError(f"{len(excluded)} exclusion rows for {len(query_indices)} queries")
-        out = np.empty(len(query_indices), dtype=np.int64)
+        out = [np.empty(len(query_indices), dtype=np.int64) for _ in thetas]
         for start in range(0, len(query_indices), self.queries_per_chunk):
             stop = min(start + self.queries_per_chunk, len(query_indices))
             batch = data.batch(query_indices[start:stop], self.history_len)
-            scores = self.scores(batch, None if theta is None else theta[start:stop])
+            with torch.no_grad():
+                z0 = self.model.first_hidden_all_items(batch, self.side)
             mask = excluded.mask(start, stop, self.num_items)
-            out[start:stop] = ranks_among_candidates(scores, batch.item, mask).numpy()
+            for ranks, theta in zip(out, thetas, strict=True):
+                scores = self._head(z0, None if theta is None else theta[start:stop])
+                ranks[start:stop] = ranks_among_candidates(scores, batch.item, mask).numpy()
         return out
