@@ -24,8 +24,11 @@ __all__ = [
     "gauc",
     "group_auc",
     "hit_rate_at_k",
+    "mean_reciprocal_rank",
     "ndcg_at_k",
+    "per_device_rank_metrics",
     "positive_ranks",
+    "rank_metrics",
 ]
 
 
@@ -376,7 +379,7 @@ def evaluate(
             ndcg=ndcg_at_k(r, k),
             n_samples=len(ss),
             n_users=len(dev_auc),
-            ranking=ranking_metrics(r, ks),
+            ranking=rank_metrics(r, ks),
         )
 
     overall = metrics(None, None, None)
@@ -399,41 +402,12 @@ def ranking_names(ks: Sequence[int]) -> list[str]:
     return [f"{metric}@{k}" for k in ks for metric in ("hr", "ndcg")] + ["mrr"]
 
 
-def _query_values(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
-    """Each ranking metric's value for each query, from the positive's 0-based rank r:
-    HR@K = [r < K], NDCG@K = [r < K] / log2(r + 2) (one relevant item), MRR's term 1 / (r + 1)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    values = {}
-    for k in ks:
-        _check_k(k)
-        hit = ranks < k
-        values[f"hr@{k}"] = hit.astype(np.float64)
-        values[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
-    values["mrr"] = 1.0 / (ranks + 1.0)
-    return values
-
-
-def ranking_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Means over queries of each ranking metric (`_query_values`); NaN when there are no queries."""
-    values = _query_values(ranks, ks)
-    return {name: float(v.mean()) if len(v) else float("nan") for name, v in values.items()}
-
-
 def _per_device_hits(
     ranks: np.ndarray, query_device: np.ndarray, device_ids: np.ndarray, ks: Sequence[int]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every ranking metric per device of `device_ids` (sorted), as the mean over the device's queries (NaN for a
-    device without queries), and each device's number of queries."""
-    n_devices = len(device_ids)
-    rows = np.searchsorted(device_ids, query_device)
-    count = np.bincount(rows, minlength=n_devices)
-    has = count > 0
-    out = {}
-    for name, values in _query_values(ranks, ks).items():
-        total = np.bincount(rows, weights=values, minlength=n_devices)
-        out[name] = np.full(n_devices, np.nan)
-        out[name][has] = total[has] / count[has]
-    return out, count.astype(np.int64)
+    """(every ranking metric per device, each device's number of queries): `per_device_rank_metrics` split."""
+    out = per_device_rank_metrics(np.asarray(ranks, dtype=np.int64), query_device, device_ids, ks)
+    return out, out.pop("n_queries")
 
 
 def per_device_ranking(
@@ -479,3 +453,67 @@ def summarize_devices(
         weighted = (np.asarray(values)[has_queries] * n_queries[has_queries]).sum()
         pooled[name] = float(weighted / total_queries) if total_queries else float("nan")
     return pooled
+
+
+def _rank_gains(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Each query's contribution to every metric of `rank_metrics`, keyed as there: [r < K], [r < K] / log2(r + 2)
+    and 1 / (r + 1), as float64 arrays over the queries."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 1 or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(f"ranks must be a 1-D integer array, got shape {ranks.shape} and dtype {ranks.dtype}")
+    if len(ranks) and ranks.min() < 0:
+        raise ValueError("ranks are 0-based and must not be negative")
+    r = ranks.astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        _check_k(k)
+        hit = r < k
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+    out["mrr"] = 1.0 / (r + 1.0)
+    return out
+
+
+def mean_reciprocal_rank(ranks: np.ndarray) -> float:
+    """MRR = (1/Q) Σ_q 1 / (r_q + 1) over the queries' 0-based positive ranks r_q. NaN when there are no ranks."""
+    ranks = np.asarray(ranks)
+    return float((1.0 / (ranks + 1.0)).mean()) if len(ranks) else float("nan")
+
+
+def rank_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """Ranking metrics over Q queries from each positive's 0-based rank r_q among its candidates (sampled or full;
+    ties already counted against the positive, as `positive_ranks` and full ranking do), for every cut-off K in ks:
+
+        HR@K   = (1/Q) Σ_q [r_q < K]
+        NDCG@K = (1/Q) Σ_q [r_q < K] / log2(r_q + 2)     (one relevant item per query, so the ideal DCG is 1)
+        MRR    = (1/Q) Σ_q 1 / (r_q + 1)                 (no cut-off)
+
+    Keys "hr@K", "ndcg@K" for each K, and "mrr"; every value is NaN when there are no queries."""
+    gains = _rank_gains(ranks, ks)
+    return {name: float(g.mean()) if len(g) else float("nan") for name, g in gains.items()}
+
+
+def per_device_rank_metrics(
+    ranks: np.ndarray, query_device: np.ndarray, device_ids: np.ndarray, ks: Sequence[int] = (5, 10, 20)
+) -> dict[str, np.ndarray]:
+    """`rank_metrics` per device of `device_ids` (sorted): each metric is the mean over the device's own queries,
+    e.g. HR@K_u = (1/Q_u) Σ_{q of u} [r_q < K], with "n_queries" = Q_u; NaN (and 0 queries) for a device without
+    queries. `query_device[q]` is the device of query q; every one must be in `device_ids`. The population value is
+    the per-device mean weighted by Q_u (`summarize_devices`), not the plain mean over devices."""
+    query_device = _check_ids("query_device", np.asarray(query_device))
+    device_ids = np.asarray(device_ids)
+    gains = _rank_gains(ranks, ks)
+    if len(query_device) != len(np.asarray(ranks)):
+        raise ValueError(f"ranks and query_device must have the same length, got {len(ranks)} and {len(query_device)}")
+    rows = np.searchsorted(device_ids, query_device)
+    if len(query_device) and (rows.max() >= len(device_ids) or (device_ids[rows] != query_device).any()):
+        raise ValueError("every query's device must be one of device_ids")
+    count = np.bincount(rows, minlength=len(device_ids))
+    has = count > 0
+    out: dict[str, np.ndarray] = {}
+    for name, g in gains.items():
+        column = np.full(len(device_ids), np.nan)
+        column[has] = np.bincount(rows, weights=g, minlength=len(device_ids))[has] / count[has]
+        out[name] = column
+    out["n_queries"] = count.astype(np.int64)
+    return out

@@ -13,8 +13,12 @@ from dccl_sim.metrics import (
     gauc,
     group_auc,
     hit_rate_at_k,
+    mean_reciprocal_rank,
     ndcg_at_k,
+    per_device_rank_metrics,
+    per_device_ranking,
     positive_ranks,
+    rank_metrics,
 )
 
 # ---------------------------------------------------------------- brute-force references
@@ -391,7 +395,7 @@ def test_auc_of_is_nan_for_devices_that_were_not_evaluated() -> None:
 def test_ranking_metrics_at_several_cutoffs_by_hand() -> None:
     # three queries whose positives rank 0, 3 and 12 (0-based)
     ranks = np.array([0, 3, 12])
-    got = metrics.ranking_metrics(ranks, ks=(1, 5, 20))
+    got = metrics.rank_metrics(ranks, ks=(1, 5, 20))
     assert metrics.ranking_names((1, 5, 20)) == ["hr@1", "ndcg@1", "hr@5", "ndcg@5", "hr@20", "ndcg@20", "mrr"]
     assert got["hr@1"] == pytest.approx(1 / 3) and got["ndcg@1"] == pytest.approx(1 / 3)
     assert got["hr@5"] == pytest.approx(2 / 3)
@@ -399,7 +403,7 @@ def test_ranking_metrics_at_several_cutoffs_by_hand() -> None:
     assert got["hr@20"] == pytest.approx(1.0)
     assert got["ndcg@20"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(14)) / 3)
     assert got["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 3)
-    assert math.isnan(metrics.ranking_metrics(np.zeros(0), ks=(5,))["mrr"])
+    assert math.isnan(metrics.rank_metrics(np.zeros(0, dtype=np.int64), ks=(5,))["mrr"])
 
 
 def test_per_device_ranking_and_pooling_by_hand() -> None:
@@ -417,3 +421,63 @@ def test_per_device_ranking_and_pooling_by_hand() -> None:
     pooled = metrics.summarize_devices(np.array([0, 6, 3]), got["auc"], got["n_queries"], {"mrr": got["mrr"]})
     assert pooled["gauc"] == pytest.approx((6 * 4.5 / 8 + 3 * 0.5) / 9)  # weighted by samples, per the DIN paper
     assert pooled["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)  # every query counts once
+
+
+# ---------------------------------------------------------------- metrics over ranks at several cut-offs
+
+
+def test_rank_metrics_by_hand() -> None:
+    ranks = np.array([0, 2, 5, 12])
+    got = rank_metrics(ranks, ks=(1, 5, 10))
+    # HR@K: ranks below K out of 4 queries
+    assert got["hr@1"] == 1 / 4 and got["hr@5"] == 2 / 4 and got["hr@10"] == 3 / 4
+    # NDCG@K: 1 / log2(r + 2) for the hits: r = 0 -> 1, r = 2 -> 1/2, r = 5 -> 1/log2(7)
+    assert got["ndcg@1"] == pytest.approx(1 / 4)
+    assert got["ndcg@5"] == pytest.approx((1 + 0.5) / 4)
+    assert got["ndcg@10"] == pytest.approx((1 + 0.5 + 1 / math.log2(7)) / 4)
+    # MRR: 1 / (r + 1), no cut-off
+    assert got["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 6 + 1 / 13) / 4)
+    assert mean_reciprocal_rank(ranks) == got["mrr"]
+    assert set(got) == {"hr@1", "ndcg@1", "hr@5", "ndcg@5", "hr@10", "ndcg@10", "mrr"}
+    for k in (1, 5, 10):
+        assert got[f"hr@{k}"] == hit_rate_at_k(ranks, k) and got[f"ndcg@{k}"] == pytest.approx(ndcg_at_k(ranks, k))
+    empty = rank_metrics(np.zeros(0, dtype=np.int64), ks=(10,))
+    assert all(math.isnan(v) for v in empty.values())
+    with pytest.raises(ValueError, match="negative"):
+        rank_metrics(np.array([0, -1]))
+    with pytest.raises(ValueError, match="positive integer"):
+        rank_metrics(ranks, ks=(0,))
+    with pytest.raises(ValueError, match="integer array"):
+        rank_metrics(np.array([0.5]))
+
+
+def test_per_device_rank_metrics_by_hand() -> None:
+    ranks = np.array([0, 2, 5, 12, 1])
+    query_device = np.array([3, 3, 7, 7, 3])
+    got = per_device_rank_metrics(ranks, query_device, np.array([3, 5, 7]), ks=(2, 10))
+    # device 3: ranks 0, 2, 1; device 5: no queries; device 7: ranks 5, 12
+    np.testing.assert_array_equal(got["n_queries"], [3, 0, 2])
+    np.testing.assert_allclose(got["hr@2"], [2 / 3, np.nan, 0.0])
+    np.testing.assert_allclose(got["hr@10"], [1.0, np.nan, 1 / 2])
+    np.testing.assert_allclose(got["ndcg@2"], [(1 + 1 / math.log2(3)) / 3, np.nan, 0.0])
+    np.testing.assert_allclose(got["ndcg@10"], [(1 + 0.5 + 1 / math.log2(3)) / 3, np.nan, 1 / math.log2(7) / 2])
+    np.testing.assert_allclose(got["mrr"], [(1 + 1 / 3 + 1 / 2) / 3, np.nan, (1 / 6 + 1 / 13) / 2])
+    with pytest.raises(ValueError, match="one of device_ids"):
+        per_device_rank_metrics(ranks, query_device, np.array([3, 5]))
+    with pytest.raises(ValueError, match="same length"):
+        per_device_rank_metrics(ranks[:2], query_device, np.array([3, 7]))
+
+
+def test_per_device_rank_metrics_equal_per_device_ranking_on_sampled_queries() -> None:
+    rng = np.random.default_rng(0)
+    devices = np.repeat([0, 0, 1, 4, 4, 4], 5)  # 6 queries of 1 positive and 4 negatives
+    queries = np.repeat(np.arange(6), 5)
+    labels = np.tile([1, 0, 0, 0, 0], 6)
+    scores = rng.integers(0, 4, size=30).astype(float)  # many ties
+    ranks = positive_ranks(queries, labels, scores)
+    device_ids = np.array([0, 1, 2, 4])
+    old = per_device_ranking(devices, queries, labels, scores, device_ids, ks=(3,))
+    new = per_device_rank_metrics(ranks, devices[::5], device_ids, ks=(3,))
+    np.testing.assert_allclose(new["hr@3"], old["hr@3"])
+    np.testing.assert_allclose(new["ndcg@3"], old["ndcg@3"])
+    np.testing.assert_array_equal(new["n_queries"], old["n_queries"])

@@ -116,6 +116,26 @@ class Recommender(nn.Module, ABC):
     def feature_flops(self, history_len: int) -> float:
         """Forward FLOPs of `features` per sample at history length L."""
 
+    # ---------------------------------------------------------------- scoring every item (full ranking)
+
+    def item_side(self) -> dict[str, torch.Tensor]:
+        """What `first_hidden_all_items` reuses for every query because it depends on the items (and the frozen
+        weights) alone; the caller computes it once per model state. The default caches nothing."""
+        return {}
+
+    def first_hidden_all_items(self, batch: Batch, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z_0 of every query of `batch` (its history and profile; its item is ignored) against every item:
+        [Q, M, d_0] with [q, m] = first_hidden(features(history_q, profile_q, item m + 1)). The default runs the
+        Q·M expanded samples through `features`; a model overrides it to reuse `side` (`item_side()`)."""
+        q, m = len(batch), self.num_items
+        expanded = Batch(
+            item=torch.arange(1, m + 1).repeat(q),
+            history=batch.history.repeat_interleave(m, 0),
+            profile=batch.profile.repeat_interleave(m, 0),
+            label=torch.zeros(q * m),
+        )
+        return self.first_hidden(self.features(expanded)).view(q, m, -1)
+
     # ---------------------------------------------------------------- the shared top MLP
 
     def build_top_mlp(self, input_dim: int) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from dccl_sim.config import ModelConfig
 from dccl_sim.data.device_data import Batch
+from dccl_sim.models.all_items import first_hidden_of_users, target_layout_side
 from dccl_sim.models.base import ModelSpec, Recommender, gather_rows, mlp_flops
 
 # below this share of non-padding positions a batch scores only those (ragged); above it, all N·L positions (dense),
@@ -26,6 +27,12 @@ from dccl_sim.models.base import ModelSpec, Recommender, gather_rows, mlp_flops
 # valid (synthetic round samples) ragged trains 1.3× and scores 1.5× faster; scoring breaks even near 60% and
 # ragged is 2× slower at 80% (ML-100K's batches are 95% valid)
 RAGGED_BELOW = 0.6
+
+# `item_side` keeps the attention logit of every (history item, target item) pair when the table has at most this
+# many entries (64 MiB in float32); a larger catalogue computes the rows of a chunk's distinct history items
+PAIR_TABLE_MAX = 2**24
+# attention hidden values [U, H, M] computed at once by `attention_table`, bounding its memory (16 MiB in float32)
+PAIR_BLOCK = 2**22
 
 
 @dataclass(frozen=True)
@@ -159,3 +166,53 @@ class DIN(Recommender):
         parts = [pooled, target, pooled * target]
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
+
+    # ---------------------------------------------------------------- scoring every item (full ranking)
+
+    def attention_table(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The attention logit MLP([e_h, e_t, e_h - e_t, e_h * e_t]) of every history embedding [U, d] against every
+        target [M, d], [U, M]. It depends on the two items alone, not on the sample. With the first layer split as
+        in `_attention_logits`, hidden[u, :, m] = (W_p ⊙ e_u) e_m + e_u (W_h + W_d)ᵀ + e_m (W_t - W_d)ᵀ + b: one
+        batched product with a row of ones carrying the per-history term, the per-target term as its input."""
+        first = self.attention_layers[0] if self.attention_layers else self.attention_out
+        w_h, w_t, w_diff, w_prod = first.weight.chunk(4, dim=1)
+        per_target = (targets @ (w_t - w_diff).T + first.bias).T.unsqueeze(0)  # [1, H, M]
+        right = torch.cat([targets.T, targets.new_ones(1, len(targets))])  # [d + 1, M]
+        block = max(1, PAIR_BLOCK // (first.out_features * max(len(targets), 1)))
+        out = []
+        for start in range(0, len(history), block):
+            e_h = history[start : start + block]
+            left = torch.cat([w_prod.unsqueeze(0) * e_h.unsqueeze(1), (e_h @ (w_h + w_diff).T).unsqueeze(2)], 2)
+            hidden = torch.baddbmm(per_target, left, right.expand(len(e_h), -1, -1))  # [u, H, M]
+            if not self.attention_layers:
+                out.append(hidden.squeeze(1))
+                continue
+            hidden = hidden.relu_().transpose(1, 2)  # [u, M, H]
+            for layer in self.attention_layers[1:]:
+                hidden = torch.relu(layer(hidden))
+            out.append(self.attention_out(hidden).squeeze(-1))
+        return torch.cat(out) if out else history.new_zeros(0, len(targets))
+
+    def item_side(self) -> dict[str, torch.Tensor]:
+        """The shared layout's per-item parts and, for a catalogue of at most PAIR_TABLE_MAX pairs, the attention
+        logit of every (history item, target) pair, [M + 1, M] (row 0, the padding item, is never weighted)."""
+        side = target_layout_side(self, self.item_table())
+        if (self.num_items + 1) * self.num_items <= PAIR_TABLE_MAX:
+            side["attention"] = self.attention_table(side["table"], side["targets"])
+        return side
+
+    def first_hidden_all_items(self, batch: Batch, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z_0 of each query against every item, [Q, M, d_0]: the attention logits of the query's history items
+        against every target are rows of the pair table (or of the chunk's distinct history items), softmax over
+        the valid positions per target, the pooled history u [Q, M, d], then the shared first layer."""
+        self.check_items(batch)
+        table, history = side["table"], batch.history
+        if "attention" in side:
+            logits = side["attention"][history]  # [Q, L, M]
+        else:
+            items, where = torch.unique(history, return_inverse=True)
+            logits = self.attention_table(table[items], side["targets"])[where]
+        weights = torch.softmax(logits.masked_fill_((history == 0).unsqueeze(2), float("-inf")), dim=1)
+        # an empty history pools to zero instead of NaN
+        pooled = torch.bmm(weights.nan_to_num_(0.0).transpose(1, 2), table[history])  # [Q, M, d]
+        return first_hidden_of_users(self, side, pooled, batch.profile)

@@ -93,12 +93,16 @@ class MetaPatch(nn.Module):
         out = torch.bmm(padded.view(tiles.num_tiles, tiles.tile, self.rank), per_tile)
         return out.view(-1, z.shape[1])[tiles.position]
 
-    def grouped_patch(self, theta: torch.Tensor, tiles: RowTiles) -> HiddenPatch:
-        """The hidden-layer patch for rows grouped by device: theta [G, k] holds one meta-patch per group."""
-        ups = [
+    def up_transposes(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """B_lᵀ of each meta-patch of theta [G, k], per layer l as [G, r, d_l]."""
+        return [
             (theta @ basis.view(-1, self.k).T).view(len(theta), basis.shape[0], self.rank).transpose(1, 2)
             for basis in self.basis
         ]
+
+    def grouped_patch(self, theta: torch.Tensor, tiles: RowTiles) -> HiddenPatch:
+        """The hidden-layer patch for rows grouped by device: theta [G, k] holds one meta-patch per group."""
+        ups = self.up_transposes(theta)
 
         def apply(layer: int, z: torch.Tensor) -> torch.Tensor:
             return z + self.grouped_delta(layer, z, ups[layer], tiles)

@@ -24,6 +24,7 @@ from torch.nn import functional
 
 from dccl_sim.config import ModelConfig, Section
 from dccl_sim.data.device_data import Batch
+from dccl_sim.models.all_items import first_hidden_of_users, target_layout_side
 from dccl_sim.models.base import ModelSpec, Recommender, gather_rows
 
 
@@ -153,3 +154,14 @@ class SASRec(Recommender):
         parts = [u, target, u * target]
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
+
+    def item_side(self) -> dict[str, torch.Tensor]:
+        """The item table and the per-item parts of the top MLP's first layer (models/all_items.py)."""
+        return target_layout_side(self, self.item_table())
+
+    def first_hidden_all_items(self, batch: Batch, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """z_0 of each query against every item, [Q, M, d_0]: u does not depend on the target, so the encoder runs
+        once per query and only the first layer's u ⊙ e_m term is per pair."""
+        self.check_items(batch)
+        u = self.user_representation(batch.history, side["table"])
+        return first_hidden_of_users(self, side, u, batch.profile)
