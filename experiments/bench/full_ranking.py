@@ -115,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     print(f"\n{meta.num_devices} devices, {meta.num_items} items, {rows[0]['queries']} test positives\n")
     print(
-        print(
-            "| model | threads | sampled s | full s (item side) | full / sampled | 3 models on one W, full s "
-            "| HR@10 sampled | HR@10 full |"
-        )
+        "| model | threads | sampled s | full s (item side) | full / sampled | 3 models on one W, full s "
+        "| HR@10 sampled | HR@10 full |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
