@@ -24,7 +24,6 @@ __all__ = [
     "gauc",
     "group_auc",
     "hit_rate_at_k",
-    "mean_reciprocal_rank",
     "ndcg_at_k",
     "per_device_rank_metrics",
     "positive_ranks",
@@ -472,12 +471,6 @@ def _rank_gains(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
         out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
     out["mrr"] = 1.0 / (r + 1.0)
     return out
-
-
-def mean_reciprocal_rank(ranks: np.ndarray) -> float:
-    """MRR = (1/Q) Σ_q 1 / (r_q + 1) over the queries' 0-based positive ranks r_q. NaN when there are no ranks."""
-    ranks = np.asarray(ranks)
-    return float((1.0 / (ranks + 1.0)).mean()) if len(ranks) else float("nan")
 
 
 def rank_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:

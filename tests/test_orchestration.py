@@ -224,3 +224,19 @@ def test_a_failed_round_keeps_the_finished_ones_and_resume_continues_from_the_st
     assert [r.round for r in resumed.records] == [0, 1, 2]
     for a, b in zip(straight.records, resumed.records, strict=True):
         assert (a.n_participants, a.device_gauc, a.sim_round_s) == (b.n_participants, b.device_gauc, b.sim_round_s)
+
+
+def test_named_random_streams_derive_from_seed_round_and_ids() -> None:
+    """A round's stream draws from (seed, round, ids, tag) alone; a plug-in's new stream needs a tag of its own."""
+    from dccl_sim.context import RoundContext
+    from dccl_sim.seeding import STREAMS, register_stream, seeded_generator
+
+    ctx = RoundContext(_config("seed=4"), 2, np.arange(3))
+    assert ctx.keys("patch_trial", 7) == (4, 2, 7, STREAMS["patch_trial"])
+    assert ctx.rng("device_copy", 5).integers(1 << 30) == seeded_generator(4, 2, 5, 2).integers(1 << 30)
+    with pytest.raises(ValueError, match="taken"):
+        register_stream("my_plugin_draws", STREAMS["cloud_minibatches"])
+    register_stream("test_orchestration_draws", 0x7E57)
+    assert ctx.keys("test_orchestration_draws") == (4, 2, 0x7E57)
+    with pytest.raises(KeyError, match="unknown random stream"):
+        ctx.keys("no_such_stream")

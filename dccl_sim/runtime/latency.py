@@ -71,13 +71,3 @@ def device_times(
 ) -> np.ndarray:
     """Modelled seconds per device: download, local compute, upload."""
     return download_bytes / profiles.down_bps + flops / profiles.flops + upload_bytes / profiles.up_bps
-
-
-def modelled_round_latency(
-    times: np.ndarray, deadline_s: float | None, cloud_flops: float, config: LatencyConfig
-) -> tuple[float, np.ndarray]:
-    """(round latency, straggler mask): the last device to finish within the deadline, plus the cloud's time."""
-    stragglers = times > deadline_s if deadline_s is not None else np.zeros(len(times), dtype=bool)
-    finished = times[~stragglers]
-    device_phase = float(finished.max()) if len(finished) else float(deadline_s or 0.0)
-    return device_phase + cloud_flops / config.cloud_flops, stragglers
