@@ -239,6 +239,10 @@ class MetricsConfig(Section):
     # the cut-off of the progress line and of the columns named before `ks` existed (`*_hr10`, `*_ndcg10`, kept as
     # aliases for one release: they hold HR and NDCG at this k, whatever it is); must be one of `ks`
     k: PositiveInt = 10
+    # how HR/NDCG/MRR rank a test positive: `sampled` among its stored sampled negatives (cheap; the DIN / MetaPatch
+    # papers' convention), `full` among every item the user has not interacted with (RecBole's default; costs
+    # several times the sampled evaluation, docs/evaluation.md), `both` reports the two side by side
+    ranking: Literal["sampled", "full", "both"] = "sampled"
     # evaluate a seeded sample of this many devices, the same every round (None: all). At 10^5+ devices scoring
     # every device's 99 negatives per positive three times a round would dominate the round.
     eval_devices: PositiveInt | None = None

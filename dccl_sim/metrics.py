@@ -324,10 +324,15 @@ def evaluate(
     num_buckets: int,
     k: int = 10,
     ks: Sequence[int] = (),
+    full_ranks: np.ndarray | None = None,
+    full_queries: np.ndarray | None = None,
 ) -> Evaluation:
     """AUC over all samples pooled, GAUC grouped by device, and HR@k / NDCG@k over the queries (each one positive
     plus its sampled negatives, query ids unique across devices); the same again restricted to each activity bucket,
-    a sample's bucket being bucket_of_device[device]. A bucket without samples gets NaN metrics and zero counts."""
+    a sample's bucket being bucket_of_device[device]. A bucket without samples gets NaN metrics and zero counts.
+
+    With `full_ranks`, the full rank of the positive of each query of `full_queries` (every query once, any order),
+    the ranking metrics at every cut-off are also given over those ranks as "full_hr@K", "full_ndcg@K", "full_mrr"."""
     y, s, dev, q = _check_labels_scores(labels, scores, devices=devices, queries=queries)
     _check_ids("devices", dev)
     _check_ids("queries", q)
@@ -352,6 +357,7 @@ def evaluate(
     if (query_device[q_code] != dev).any():
         raise ValueError("every query must belong to a single device")
     ranks = _ranks_from_codes(q_code, len(unique_q), y, s)
+    full = None if full_ranks is None else _align_full_ranks(unique_q, full_ranks, full_queries)
     query_bucket = bucket_of_device[query_device]
 
     # One score sort serves the pooled AUC, each bucket's AUC (a masked subsequence stays sorted) and the
@@ -371,6 +377,9 @@ def evaluate(
             else (per_device.auc[device_mask], per_device.n_samples[device_mask])
         )
         r = ranks if query_mask is None else ranks[query_mask]
+        ranking = rank_metrics(r, ks)
+        if full is not None:
+            ranking |= with_prefix(FULL, rank_metrics(full if query_mask is None else full[query_mask], ks))
         return Metrics(
             auc=_single_group_auc(ss, ys),
             gauc=pooled_gauc(dev_auc, dev_n),
@@ -378,12 +387,14 @@ def evaluate(
             ndcg=ndcg_at_k(r, k),
             n_samples=len(ss),
             n_users=len(dev_auc),
-            ranking=rank_metrics(r, ks),
+            ranking=ranking,
         )
 
     overall = metrics(None, None, None)
     buckets = tuple(metrics(bucket_sorted == b, device_bucket == b, query_bucket == b) for b in range(num_buckets))
     device_ranking, device_queries = _per_device_hits(ranks, query_device, per_device.groups, ks)
+    if full is not None:
+        device_ranking |= with_prefix(FULL, _per_device_hits(full, query_device, per_device.groups, ks)[0])
     return Evaluation(
         overall=overall,
         buckets=buckets,
@@ -396,9 +407,30 @@ def evaluate(
     )
 
 
-def ranking_names(ks: Sequence[int]) -> list[str]:
-    """The ranking metrics reported for the cut-offs `ks`: "hr@K" and "ndcg@K" for each K, then "mrr"."""
-    return [f"{metric}@{k}" for k in ks for metric in ("hr", "ndcg")] + ["mrr"]
+def _align_full_ranks(unique_q: np.ndarray, full_ranks: np.ndarray, full_queries: np.ndarray | None) -> np.ndarray:
+    """`full_ranks` reordered to the sorted query ids `unique_q`; every query must have exactly one."""
+    full_ranks = np.asarray(full_ranks, dtype=np.int64)
+    if full_queries is None or len(full_queries) != len(full_ranks):
+        raise ValueError("full_ranks needs full_queries, the query of each rank")
+    order = np.argsort(full_queries, kind="stable")
+    if len(order) != len(unique_q) or (np.asarray(full_queries)[order] != unique_q).any():
+        raise ValueError("full_queries must hold every evaluated query exactly once")
+    return full_ranks[order]
+
+
+# the prefix of full-ranking metrics: "full_hr@10" ranks among every candidate item, "hr@10" among sampled negatives
+FULL = "full_"
+
+
+def with_prefix(prefix: str, values: dict) -> dict:
+    return {f"{prefix}{name}": value for name, value in values.items()}
+
+
+def ranking_names(ks: Sequence[int], full: bool = False) -> list[str]:
+    """The ranking metrics reported for the cut-offs `ks`: "hr@K" and "ndcg@K" for each K, then "mrr"; with `full`,
+    the same again prefixed "full_" (full ranking)."""
+    sampled = [f"{metric}@{k}" for k in ks for metric in ("hr", "ndcg")] + ["mrr"]
+    return sampled + [FULL + name for name in sampled] if full else sampled
 
 
 def _per_device_hits(

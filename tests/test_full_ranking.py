@@ -193,3 +193,64 @@ def test_full_rank_is_never_better_than_the_sampled_rank(ml100k_small, trained, 
     assert sampled_metrics["hr@10"] > 0.7 and full_metrics["hr@20"] > 0.05
     device = metrics.per_device_rank_metrics(full, data.sample_device[queries], data.device_ids, KS)
     assert np.isclose(np.nansum(device["hr@10"] * device["n_queries"]) / len(queries), full_metrics["hr@10"])
+
+
+# ---------------------------------------------------------------- full ranking in the round loop (metrics.ranking)
+
+ROUND_SETTINGS = [
+    "data.num_devices=8",
+    "data.eval_negatives=9",
+    "rounds=2",
+    "cloud.pretrain_epochs=1",
+    "patch.bootstrap_epochs=1",
+    "output.progress=false",
+    "runtime.backend=local",
+]
+MODELS = ("broadcast", "start", "device", "cloud")
+
+
+def _rounds(out_dir, *settings: str) -> dict[str, np.ndarray]:
+    from dccl_sim import load_config
+    from dccl_sim.runtime.session import run
+
+    run(load_config(None, [*ROUND_SETTINGS, f"output.out_dir={out_dir}", *settings]))
+    return {name: np.array(values, dtype=float) for name, values in _read(out_dir / "rounds.parquet").items()}
+
+
+def _read(path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return {name: values for name, values in table.to_pydict().items() if name != "strategy"}
+
+
+@pytest.mark.parametrize("strategy", ["cloud_only", "metapatch", "fedavg", "local_finetune"])
+def test_rounds_rank_fully_beside_the_sampled_metrics(tmp_path, strategy: str) -> None:
+    """`metrics.ranking=both`: every model's full HR/NDCG/MRR at every cut-off, never above the sampled value; the
+    start model of these strategies is the broadcast model, ranked on the device hosts per pack and on the cloud
+    host over all devices, which must agree; round 1's broadcast is round 0's cloud model."""
+    rounds = _rounds(tmp_path, f"strategy={strategy}", "metrics.ranking=both")
+    names = metrics.ranking_names((5, 10, 20))
+    for prefix in (*MODELS, *(f"tail_{m}" for m in MODELS)):
+        for name in names:
+            full, sampled = rounds[f"{prefix}_full_{name}"], rounds[f"{prefix}_{name}"]
+            assert np.isfinite(full).all(), f"{prefix}_full_{name}"
+            assert (full <= sampled + 1e-12).all(), f"{prefix}_full_{name} {full} > sampled {sampled}"
+    assert (rounds["cloud_full_hr@20"] < rounds["cloud_hr@20"]).any()  # 9 sampled negatives vs 1,682 items
+    for name in names:
+        assert rounds[f"start_full_{name}"] == pytest.approx(rounds[f"broadcast_full_{name}"], abs=1e-12)
+        assert rounds[f"broadcast_full_{name}"][1] == pytest.approx(rounds[f"cloud_full_{name}"][0], abs=1e-12)
+    personalized = not np.allclose(rounds["device_full_mrr"], rounds["start_full_mrr"], atol=1e-9)
+    assert personalized == (strategy != "cloud_only")
+
+
+def test_ranking_full_reports_full_ranking_alone_and_sampled_none(tmp_path) -> None:
+    full = _rounds(tmp_path / "full", "rounds=1", "metrics.ranking=full")
+    assert "cloud_full_ndcg@10" in full and "tail_device_full_mrr" in full
+    assert not any(name.endswith(("hr@10", "mrr")) and "_full_" not in name for name in full)
+    assert np.isnan(full["cloud_hr10"]).all() and np.isnan(full["device_ndcg10"]).all()  # the sampled aliases
+    sampled = _rounds(tmp_path / "sampled", "rounds=1")
+    assert not any("_full_" in name for name in sampled)
+    assert sampled["cloud_hr10"] == pytest.approx(sampled["cloud_hr@10"])
+    # the same cloud model either way: full ranking only adds columns
+    assert full["cloud_gauc"] == pytest.approx(sampled["cloud_gauc"], abs=1e-12)

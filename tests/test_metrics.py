@@ -479,3 +479,35 @@ def test_per_device_rank_metrics_equal_per_device_ranking_on_sampled_queries() -
     np.testing.assert_allclose(new["hr@3"], old["hr@3"])
     np.testing.assert_allclose(new["ndcg@3"], old["ndcg@3"])
     np.testing.assert_array_equal(new["n_queries"], old["n_queries"])
+
+
+def test_evaluate_with_full_ranks_in_any_query_order() -> None:
+    """Full ranks given per query in shuffled order land on their queries: overall, per bucket and per device they
+    equal `rank_metrics` of the ranks of those queries; a missing or repeated query is refused."""
+    rng = np.random.default_rng(7)
+    devices, queries, labels, scores = random_queries(rng, n_devices=12, max_queries=5, max_negatives=4)
+    bucket_of_device = np.arange(12) % 2
+    query_ids = np.unique(queries)
+    device_of_query = np.array([devices[queries == q][0] for q in query_ids])
+    full = rng.integers(0, 40, len(query_ids))
+    order = rng.permutation(len(query_ids))
+    ev = evaluate(
+        devices,
+        queries,
+        labels,
+        scores,
+        bucket_of_device,
+        2,
+        ks=(1, 5),
+        full_ranks=full[order],
+        full_queries=query_ids[order],
+    )
+    assert ev.overall.ranking["full_hr@5"] == pytest.approx(np.mean(full < 5))
+    assert ev.overall.ranking["full_mrr"] == pytest.approx(np.mean(1.0 / (full + 1)))
+    for b in (0, 1):
+        mine = bucket_of_device[device_of_query] == b
+        assert ev.buckets[b].ranking["full_ndcg@5"] == pytest.approx(rank_metrics(full[mine], (5,))["ndcg@5"])
+    for row, device in enumerate(ev.device_ids):
+        assert ev.device_ranking["full_hr@1"][row] == pytest.approx(np.mean(full[device_of_query == device] < 1))
+    with pytest.raises(ValueError, match="every evaluated query exactly once"):
+        evaluate(devices, queries, labels, scores, bucket_of_device, 2, full_ranks=full[1:], full_queries=query_ids[1:])

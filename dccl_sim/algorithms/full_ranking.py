@@ -41,17 +41,24 @@ def ranks_among_candidates(scores: torch.Tensor, positive: torch.Tensor, exclude
 
 class FullRanker:
     """Ranks evaluated positives against every candidate item under a frozen model (and, optionally, MetaPatch
-    meta-patches). `item_side()` is computed at construction: build a new ranker whenever the weights change."""
+    meta-patches). `item_side()` is computed at construction: build a new ranker whenever the weights change;
+    `queries`, where known, is how many it will rank (a model may then cache less)."""
 
     def __init__(
-        self, model: Recommender, patch: MetaPatch | None = None, *, history_len: int, chunk_pairs: int = CHUNK_PAIRS
+        self,
+        model: Recommender,
+        patch: MetaPatch | None = None,
+        *,
+        history_len: int,
+        chunk_pairs: int = CHUNK_PAIRS,
+        queries: int | None = None,
     ) -> None:
         self.model, self.patch, self.history_len = model, patch, history_len
         self.num_items = model.num_items
         self.queries_per_chunk = max(1, chunk_pairs // self.num_items)
         model.eval()
         with torch.no_grad():
-            self.side = model.item_side()
+            self.side = model.item_side(None if queries is None else queries * history_len)
 
     @torch.no_grad()
     def scores(self, batch: Batch, theta: torch.Tensor | None = None) -> torch.Tensor:

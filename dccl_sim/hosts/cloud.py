@@ -13,6 +13,7 @@ import torch
 
 from dccl_sim import metrics
 from dccl_sim.algorithms.cloud_steps import bootstrap_patch
+from dccl_sim.algorithms.full_ranking import FullRanker
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, state_to_numpy
 from dccl_sim.config import SimConfig
 from dccl_sim.context import RoundContext
@@ -191,9 +192,15 @@ class CloudHost:
         return self.strategy.cloud_step(self, RoundContext(self.config, round_index, participants), results)
 
     def evaluate(self) -> metrics.Evaluation:
-        """The current cloud model on every device's evaluation split."""
+        """The current cloud model on every device's evaluation split (and by full ranking where configured)."""
         idx = self.eval_indices
-        scores = predict(self.models.cloud, self.data, idx, history_len=self.config.data.history_len)
+        history_len = self.config.data.history_len
+        scores = predict(self.models.cloud, self.data, idx, history_len=history_len)
+        full = {}
+        if self.config.metrics.ranking != "sampled":
+            positives = idx[self.data.label[idx] == 1]
+            ranker = FullRanker(self.models.cloud, history_len=history_len)
+            full = {"full_ranks": ranker.ranks(self.data, positives), "full_queries": self.data.query_ids(positives)}
         return metrics.evaluate(
             self.data.sample_device[idx],
             self.data.query_ids(idx),
@@ -203,6 +210,7 @@ class CloudHost:
             self.num_buckets,
             k=self.config.metrics.k,
             ks=self.config.metrics.ks,
+            **full,
         )
 
     def state(self) -> dict[str, object]:

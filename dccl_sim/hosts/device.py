@@ -3,7 +3,9 @@ needs from them (samples, cached features, evaluation, result packaging)."""
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from dccl_sim import metrics
 from dccl_sim.algorithms.cloud_steps import first_hidden_of
+from dccl_sim.algorithms.full_ranking import FullRanker
 from dccl_sim.algorithms.metapatch_step import LocalSamples
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, merge_packs
 from dccl_sim.config import SimConfig
@@ -103,6 +106,8 @@ class DeviceHost:
             module.eval()
         # every sample a device holds (all splits): what sizes a chunk's work
         self.samples_per_device = np.bincount(self.data.sample_row, minlength=self.data.num_devices)
+        self._ranker: FullRanker | None = None
+        self._copy: torch.nn.Module | None = None
 
     def ready(self) -> bool:
         """Answers once the actor is constructed (its data loaded)."""
@@ -124,6 +129,43 @@ class DeviceHost:
         load_numpy_state(self.models.cloud, broadcast.model_state)
         if broadcast.patch_state is not None:
             load_numpy_state(self.models.patch, broadcast.patch_state)
+        self._ranker = self._copy = None  # built from the broadcast model when first needed
+
+    @property
+    def full_ranking(self) -> bool:
+        """Whether the run ranks evaluated positives against every item (`metrics.ranking` full or both)."""
+        return self.config.metrics.ranking != "sampled"
+
+    def full_ranks(
+        self, evaluation: RoundSamples, thetas: Sequence[torch.Tensor | None] = (None,)
+    ) -> list[np.ndarray] | None:
+        """Full rank of every evaluated positive of `evaluation` (in its order) under the broadcast model, once per
+        entry of `thetas`: None for the model itself, [K, k] for each device's meta-patch (K = the devices of
+        `evaluation`). None when the run does not rank fully."""
+        if not self.full_ranking:
+            return None
+        positives = np.flatnonzero(self.data.label[evaluation.indices] == 1)
+        rows = torch.from_numpy(evaluation.rows[positives])
+        if self._ranker is None:
+            self._ranker = FullRanker(self.models.cloud, self.models.patch, history_len=self.config.data.history_len)
+        per_query = [None if theta is None else theta[rows] for theta in thetas]
+        return self._ranker.ranks_many(self.data, evaluation.indices[positives], per_query)
+
+    def full_ranks_with(
+        self, evaluation: RoundSamples, row: int, params: Mapping[str, torch.Tensor]
+    ) -> np.ndarray | None:
+        """Full ranks of the evaluated positives of device `row` of `evaluation` under the broadcast model with
+        `params` (name → tensor: a device's own copy of some or all of its parameters) in place of its own. None
+        when the run does not rank fully."""
+        if not self.full_ranking:
+            return None
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.models.cloud)
+        self._copy.load_state_dict(params, strict=False)
+        indices = evaluation.indices[evaluation.starts[row] : evaluation.ends[row]]
+        positives = indices[self.data.label[indices] == 1]
+        ranker = FullRanker(self._copy, history_len=self.config.data.history_len, queries=len(positives))
+        return ranker.ranks(self.data, positives)
 
     def local_samples(self, device_ids: np.ndarray, round_index: int) -> RoundSamples:
         """What a device holds in round t: its training samples of windows up to t (docs/design.md §4)."""
@@ -172,14 +214,22 @@ class DeviceHost:
         extra_columns: dict[str, np.ndarray] | None = None,
         extra_work: np.ndarray | int = 0,
         own_time_s: np.ndarray | None = None,
+        full_ranks: tuple[np.ndarray | list[np.ndarray], np.ndarray | list[np.ndarray]] | None = None,
     ) -> PackResult:
         """Package the per-device columns every strategy reports, with the strategy's `extra_columns`.
+
+        `full_ranks`: (start, device) full ranks of the evaluated positives in `evaluation`'s order, each one array or
+        a list of per-device arrays (`full_ranks`, `full_ranks_with`); without them a run that ranks fully records NaN
+        for this chunk's full-ranking metrics.
 
         The pack's compute time is shared out in proportion to each device's work (samples trained, held and
         evaluated, plus `extra_work`); time already attributed to single devices (`own_time_s`, part of
         `elapsed_s`) is theirs alone. `gate_passed` is all False for strategies without a gate."""
         start = self._ranking(evaluation, device_ids, start_scores)
         device = self._ranking(evaluation, device_ids, device_scores)
+        if self.full_ranking:
+            start |= self._full_ranking(evaluation, device_ids, None if full_ranks is None else full_ranks[0])
+            device |= self._full_ranking(evaluation, device_ids, None if full_ranks is None else full_ranks[1])
         n_train = np.bincount(local.rows, weights=self.data.label[local.indices] == 1, minlength=len(device_ids))
         work = samples_trained + local.counts + evaluation.counts + extra_work
         share = work / max(work.sum(), 1)
@@ -202,3 +252,18 @@ class DeviceHost:
         idx = samples.indices
         device_of, queries, labels = self.data.sample_device[idx], self.data.query_ids(idx), self.data.label[idx]
         return metrics.per_device_ranking(device_of, queries, labels, scores, device_ids, self.config.metrics.ks)
+
+    def _full_ranking(
+        self, samples: RoundSamples, device_ids: np.ndarray, ranks: np.ndarray | list[np.ndarray] | None
+    ) -> dict:
+        """Per-device full-ranking metrics, "full_hr@K" ..., from the ranks of `samples`' positives (None: NaN)."""
+        ks = self.config.metrics.ks
+        if isinstance(ranks, list):
+            ranks = np.concatenate([np.empty(0, dtype=np.int64), *ranks])
+        if ranks is None:
+            per_device = {name: np.full(len(device_ids), np.nan) for name in metrics.ranking_names(ks)}
+        else:
+            positives = samples.indices[self.data.label[samples.indices] == 1]
+            per_device = metrics.per_device_rank_metrics(ranks, self.data.sample_device[positives], device_ids, ks)
+            del per_device["n_queries"]
+        return metrics.with_prefix(metrics.FULL, per_device)

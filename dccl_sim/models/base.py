@@ -118,9 +118,11 @@ class Recommender(nn.Module, ABC):
 
     # ---------------------------------------------------------------- scoring every item (full ranking)
 
-    def item_side(self) -> dict[str, torch.Tensor]:
+    def item_side(self, history_rows: int | None = None) -> dict[str, torch.Tensor]:
         """What `first_hidden_all_items` reuses for every query because it depends on the items (and the frozen
-        weights) alone; the caller computes it once per model state. The default caches nothing."""
+        weights) alone; the caller computes it once per model state. `history_rows`, when known, bounds the history
+        positions the queries that use it hold (e.g. one device's few queries), for a model to skip caching per item
+        what it would look up for fewer items than that. The default caches nothing."""
         return {}
 
     def first_hidden_all_items(self, batch: Batch, side: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -193,11 +193,13 @@ class DIN(Recommender):
             out.append(self.attention_out(hidden).squeeze(-1))
         return torch.cat(out) if out else history.new_zeros(0, len(targets))
 
-    def item_side(self) -> dict[str, torch.Tensor]:
+    def item_side(self, history_rows: int | None = None) -> dict[str, torch.Tensor]:
         """The shared layout's per-item parts and, for a catalogue of at most PAIR_TABLE_MAX pairs, the attention
-        logit of every (history item, target) pair, [M + 1, M] (row 0, the padding item, is never weighted)."""
+        logit of every (history item, target) pair, [M + 1, M] (row 0, the padding item, is never weighted). Where
+        the queries hold fewer `history_rows` than the table has rows, their own rows are computed instead."""
         side = target_layout_side(self, self.item_table())
-        if (self.num_items + 1) * self.num_items <= PAIR_TABLE_MAX:
+        few = history_rows is not None and history_rows <= self.num_items
+        if not few and (self.num_items + 1) * self.num_items <= PAIR_TABLE_MAX:
             side["attention"] = self.attention_table(side["table"], side["targets"])
         return side
 

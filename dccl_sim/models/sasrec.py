@@ -155,7 +155,7 @@ class SASRec(Recommender):
         parts += [embedding(batch.profile[:, i]) for i, embedding in enumerate(self.profile_embeddings)]
         return torch.cat(parts, dim=1)
 
-    def item_side(self) -> dict[str, torch.Tensor]:
+    def item_side(self, history_rows: int | None = None) -> dict[str, torch.Tensor]:
         """The item table and the per-item parts of the top MLP's first layer (models/all_items.py)."""
         return target_layout_side(self, self.item_table())
 

@@ -163,7 +163,7 @@ def _run(
         evaluation: metrics.Evaluation = cloud.evaluate()
         clock.measure("t_eval_s", tic)
 
-        ranking = metrics.ranking_names(config.metrics.ks)
+        ranking = metrics.ranking_names(config.metrics.ks, full=config.metrics.ranking != "sampled")
         names = (
             tuple(phase.results[0].columns) if phase.results else (*result_columns(ranking), *strategy.device_columns)
         )
@@ -271,7 +271,10 @@ def _round_record(
     strategy_columns: dict[str, float],
 ) -> RoundRecord:
     tail = bucket_of_device[columns["device_id"].astype(np.int64)] == 0
-    names = metrics.ranking_names(config.metrics.ks)
+    ranking = config.metrics.ranking
+    names = metrics.ranking_names(config.metrics.ks, full=ranking != "sampled")
+    # `full` reports full ranking alone: the sampled ranking columns (and their *_hr10 aliases) are left out / NaN
+    reported = [name for name in names if ranking != "full" or name.startswith(metrics.FULL)]
 
     def pooled(prefix: str, mask: np.ndarray | slice = slice(None)) -> dict[str, float]:
         ranking = {name: columns[f"{prefix}_{name}"][mask] for name in names}
@@ -299,9 +302,14 @@ def _round_record(
             ("cloud", cloud.ranking),
             ("tail_cloud", tail_cloud.ranking),
         )
-        for name in names
+        for name in reported
     }
     k = config.metrics.k
+
+    def alias(values: dict[str, float], metric: str) -> float:
+        """The sampled `metric` at k under its name from before `metrics.ks`."""
+        return math.nan if ranking == "full" else values[f"{metric}@{k}"]
+
     compute = _spread(columns["compute_s"])
     return RoundRecord(
         round=t,
@@ -314,21 +322,21 @@ def _round_record(
         tail_broadcast_gauc=tail_broadcast["gauc"],
         start_gauc=start["gauc"],
         tail_start_gauc=tail_start["gauc"],
-        start_hr10=start[f"hr@{k}"],
-        start_ndcg10=start[f"ndcg@{k}"],
+        start_hr10=alias(start, "hr"),
+        start_ndcg10=alias(start, "ndcg"),
         device_gauc=device["gauc"],
         tail_device_gauc=tail_device["gauc"],
-        device_hr10=device[f"hr@{k}"],
-        device_ndcg10=device[f"ndcg@{k}"],
-        tail_device_hr10=tail_device[f"hr@{k}"],
-        tail_device_ndcg10=tail_device[f"ndcg@{k}"],
+        device_hr10=alias(device, "hr"),
+        device_ndcg10=alias(device, "ndcg"),
+        tail_device_hr10=alias(tail_device, "hr"),
+        tail_device_ndcg10=alias(tail_device, "ndcg"),
         cloud_auc=cloud.auc,
         cloud_gauc=cloud.gauc,
-        cloud_hr10=cloud.hr,
-        cloud_ndcg10=cloud.ndcg,
+        cloud_hr10=alias(cloud.ranking, "hr"),
+        cloud_ndcg10=alias(cloud.ranking, "ndcg"),
         tail_cloud_gauc=tail_cloud.gauc,
-        tail_cloud_hr10=tail_cloud.hr,
-        tail_cloud_ndcg10=tail_cloud.ndcg,
+        tail_cloud_hr10=alias(tail_cloud.ranking, "hr"),
+        tail_cloud_ndcg10=alias(tail_cloud.ranking, "ndcg"),
         gate_pass_rate=float(columns["gate_passed"].mean()) if len(columns["gate_passed"]) else math.nan,
         t_broadcast_s=times["t_broadcast_s"],
         t_devices_s=times["t_devices_s"],

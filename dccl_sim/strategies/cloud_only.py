@@ -25,8 +25,16 @@ class CloudOnly(Strategy):
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
         scores = device.cloud_scores(evaluation)
         untrained = np.zeros(len(device_ids), dtype=np.int64)
+        full = device.full_ranks(evaluation)
         return device.result(
-            device_ids, local, evaluation, scores, scores, samples_trained=untrained, elapsed_s=clock.elapsed()
+            device_ids,
+            local,
+            evaluation,
+            scores,
+            scores,
+            samples_trained=untrained,
+            elapsed_s=clock.elapsed(),
+            full_ranks=None if full is None else (full[0], full[0]),
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

@@ -27,7 +27,7 @@ from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import CloudHost, ModelCost
 from dccl_sim.hosts.device import DeviceHost, Stopwatch
 from dccl_sim.strategies.base import DeviceCost
-from dccl_sim.strategies.metapatch import MetaPatch, patched_scores
+from dccl_sim.strategies.metapatch import MetaPatch, patched_full_ranks, patched_scores
 
 
 class CodaSettings(Section):
@@ -146,6 +146,7 @@ class CoDA(MetaPatch):
             },
             extra_work=counts,
             own_time_s=classifier,
+            full_ranks=patched_full_ranks(device, evaluation, theta_start, step.theta),
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

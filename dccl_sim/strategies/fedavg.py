@@ -38,6 +38,7 @@ class FedAvg(Strategy):
         total = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in base.items()}
         trained = np.zeros(len(device_ids), dtype=np.int64)
         weight = 0.0
+        broadcast_full, personal_full = device.full_ranks(evaluation), []
 
         def forward(params: dict[str, torch.Tensor], positions: np.ndarray):
             batch = data.batch(local.indices[positions], history_len)
@@ -59,6 +60,7 @@ class FedAvg(Strategy):
             with torch.no_grad():
                 batch = data.batch(evaluation.indices[lo:hi], history_len)
                 personal[lo:hi] = functional_call(model, params, (batch,)).numpy()
+            personal_full.append(device.full_ranks_with(evaluation, row, params))
         return device.result(
             device_ids,
             local,
@@ -69,6 +71,7 @@ class FedAvg(Strategy):
             elapsed_s=clock.elapsed(),
             sums={name: value.numpy() for name, value in total.items()},
             weight=weight,
+            full_ranks=None if broadcast_full is None else (broadcast_full[0], personal_full),
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

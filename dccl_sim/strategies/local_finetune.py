@@ -34,6 +34,7 @@ class LocalFinetune(CloudOnly):
         personal = np.empty_like(start)
         base = dict(model.named_parameters())
         trained = np.zeros(len(device_ids), dtype=np.int64)
+        start_full, personal_full = device.full_ranks(evaluation), []
 
         def forward(params: dict[str, torch.Tensor], positions: np.ndarray):
             rows = torch.from_numpy(positions)
@@ -46,8 +47,16 @@ class LocalFinetune(CloudOnly):
             lo, hi = evaluation.starts[row], evaluation.ends[row]
             with torch.no_grad():
                 personal[lo:hi] = model.functional_head(params, x_eval[lo:hi]).numpy()
+            personal_full.append(device.full_ranks_with(evaluation, row, params))
         return device.result(
-            device_ids, local, evaluation, start, personal, samples_trained=trained, elapsed_s=clock.elapsed()
+            device_ids,
+            local,
+            evaluation,
+            start,
+            personal,
+            samples_trained=trained,
+            elapsed_s=clock.elapsed(),
+            full_ranks=None if start_full is None else (start_full[0], personal_full),
         )
 
     def flops_per_trained_sample(self, cost: ModelCost) -> float:

@@ -26,6 +26,14 @@ def patched_scores(
     return start, patched_logits(cloud, patch, z0, theta, rows).numpy()
 
 
+def patched_full_ranks(
+    device: DeviceHost, evaluation: RoundSamples, theta_start: torch.Tensor, theta: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Full ranks of the starting and the personalized patched models (None when the run does not rank fully)."""
+    full = device.full_ranks(evaluation, (theta_start, theta))
+    return None if full is None else (full[0], full[1])
+
+
 class MetaPatch(CloudOnly):
     """Device-side MetaPatch from the starting meta-patch `start_theta` (θ̂ = 0 here); cloud_only's cloud step."""
 
@@ -57,6 +65,7 @@ class MetaPatch(CloudOnly):
             samples_trained=self._samples_trained(local.counts, step.gate_passed),
             elapsed_s=clock.elapsed(),
             uploads={"theta": step.theta.numpy()},
+            full_ranks=patched_full_ranks(device, evaluation, theta_start, step.theta),
         )
 
     def _samples_trained(self, counts: np.ndarray, gate_passed: np.ndarray) -> np.ndarray:
