@@ -224,11 +224,11 @@ def _read(path) -> dict[str, list]:
     return {name: values for name, values in table.to_pydict().items() if name != "strategy"}
 
 
-@pytest.mark.parametrize("strategy", ["cloud_only", "metapatch", "fedavg", "local_finetune"])
+@pytest.mark.parametrize("strategy", ["cloud_only", "metapatch", "dccl", "fedavg", "local_finetune"])
 def test_rounds_rank_fully_beside_the_sampled_metrics(tmp_path, strategy: str) -> None:
     """`metrics.ranking=both`: every model's full HR/NDCG/MRR at every cut-off, never above the sampled value; the
-    start model of these strategies is the broadcast model, ranked on the device hosts per pack and on the cloud
-    host over all devices, which must agree; round 1's broadcast is round 0's cloud model."""
+    start model of all but dccl is the broadcast model (taken from the cloud's ranking of it); round 1's
+    broadcast is round 0's cloud model; the personalized models rank differently from it."""
     rounds = _rounds(tmp_path, f"strategy={strategy}", "metrics.ranking=both")
     names = metrics.ranking_names((5, 10, 20))
     for prefix in (*MODELS, *(f"tail_{m}" for m in MODELS)):
@@ -238,7 +238,8 @@ def test_rounds_rank_fully_beside_the_sampled_metrics(tmp_path, strategy: str) -
             assert (full <= sampled + 1e-12).all(), f"{prefix}_full_{name} {full} > sampled {sampled}"
     assert (rounds["cloud_full_hr@20"] < rounds["cloud_hr@20"]).any()  # 9 sampled negatives vs 1,682 items
     for name in names:
-        assert rounds[f"start_full_{name}"] == pytest.approx(rounds[f"broadcast_full_{name}"], abs=1e-12)
+        if strategy != "dccl":  # dccl starts from its starting meta-patches θ̃, ranked on the devices
+            assert rounds[f"start_full_{name}"] == pytest.approx(rounds[f"broadcast_full_{name}"], abs=1e-12)
         assert rounds[f"broadcast_full_{name}"][1] == pytest.approx(rounds[f"cloud_full_{name}"][0], abs=1e-12)
     personalized = not np.allclose(rounds["device_full_mrr"], rounds["start_full_mrr"], atol=1e-9)
     assert personalized == (strategy != "cloud_only")
@@ -254,3 +255,29 @@ def test_ranking_full_reports_full_ranking_alone_and_sampled_none(tmp_path) -> N
     assert sampled["cloud_hr10"] == pytest.approx(sampled["cloud_hr@10"])
     # the same cloud model either way: full ranking only adds columns
     assert full["cloud_gauc"] == pytest.approx(sampled["cloud_gauc"], abs=1e-12)
+
+
+def test_device_hosts_rank_as_the_cloud_host_does(tmp_path) -> None:
+    """The broadcast model ranked on a device host (under all-zero meta-patches, and as a parameter copy of itself)
+    gives each device the full-ranking metrics the cloud host's evaluation of the same model gives it."""
+    from dccl_sim import load_config
+    from dccl_sim.data.prepare import prepare_dataset
+    from dccl_sim.hosts.cloud import CloudHost
+    from dccl_sim.hosts.device import DeviceHost
+
+    config = load_config(None, [*ROUND_SETTINGS, "metrics.ranking=both", "strategy=metapatch"])
+    root = str(prepare_dataset(config.data, config.seed))
+    cloud = CloudHost(config, root)
+    ids = np.arange(config.data.num_devices)
+    device = DeviceHost(config, root, ids)
+    broadcast = cloud.broadcast(0, ids)
+    device.load(broadcast)
+    evaluation = device.eval_samples(ids)
+    (patched,) = device.full_ranks(evaluation, [torch.zeros(len(ids), config.patch.k)])
+    copies = [device.full_ranks_with(evaluation, row, dict(device.models.cloud.state_dict())) for row in ids]
+    expected = cloud.evaluate().device_ranking
+    positives = evaluation.indices[device.data.label[evaluation.indices] == 1]
+    for ranks in (patched, np.concatenate(copies)):
+        got = metrics.per_device_rank_metrics(ranks, device.data.sample_device[positives], ids, (5, 10, 20))
+        for name in metrics.ranking_names((5, 10, 20)):
+            np.testing.assert_allclose(got[name], expected[f"full_{name}"], atol=1e-12, err_msg=name)

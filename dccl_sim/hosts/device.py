@@ -25,6 +25,11 @@ from dccl_sim.models.training import predict
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime.placement import chunk_bounds
 
+# In place of ranks: the model is the plain broadcast model W_t, which the cloud has already ranked in full (its
+# evaluation after the previous round's update is the `broadcast_full_*` baseline), so the driver takes its
+# per-device values from there rather than having every device rank it again.
+BROADCAST_RANKS = "broadcast"
+
 
 @dataclass(frozen=True)
 class RoundSamples:
@@ -138,18 +143,26 @@ class DeviceHost:
 
     def full_ranks(
         self, evaluation: RoundSamples, thetas: Sequence[torch.Tensor | None] = (None,)
-    ) -> list[np.ndarray] | None:
+    ) -> list[np.ndarray | str] | None:
         """Full rank of every evaluated positive of `evaluation` (in its order) under the broadcast model, once per
-        entry of `thetas`: None for the model itself, [K, k] for each device's meta-patch (K = the devices of
-        `evaluation`). None when the run does not rank fully."""
+        entry of `thetas`: [K, k] for each device's meta-patch (K = the devices of `evaluation`), or None for the
+        plain model, which gives BROADCAST_RANKS instead (the cloud has ranked it). None when the run does not rank
+        fully."""
         if not self.full_ranking:
             return None
+        plain = [theta is None for theta in thetas]
+        out: list[np.ndarray | str] = [BROADCAST_RANKS] * len(thetas)
+        if all(plain):
+            return out
         positives = np.flatnonzero(self.data.label[evaluation.indices] == 1)
         rows = torch.from_numpy(evaluation.rows[positives])
         if self._ranker is None:
             self._ranker = FullRanker(self.models.cloud, self.models.patch, history_len=self.config.data.history_len)
-        per_query = [None if theta is None else theta[rows] for theta in thetas]
-        return self._ranker.ranks_many(self.data, evaluation.indices[positives], per_query)
+        patched = [i for i, is_plain in enumerate(plain) if not is_plain]
+        ranks = self._ranker.ranks_many(self.data, evaluation.indices[positives], [thetas[i][rows] for i in patched])
+        for i, values in zip(patched, ranks, strict=True):
+            out[i] = values
+        return out
 
     def full_ranks_with(
         self, evaluation: RoundSamples, row: int, params: Mapping[str, torch.Tensor]
@@ -214,13 +227,14 @@ class DeviceHost:
         extra_columns: dict[str, np.ndarray] | None = None,
         extra_work: np.ndarray | int = 0,
         own_time_s: np.ndarray | None = None,
-        full_ranks: tuple[np.ndarray | list[np.ndarray], np.ndarray | list[np.ndarray]] | None = None,
+        full_ranks: tuple[np.ndarray | list[np.ndarray] | str, np.ndarray | list[np.ndarray] | str] | None = None,
     ) -> PackResult:
         """Package the per-device columns every strategy reports, with the strategy's `extra_columns`.
 
-        `full_ranks`: (start, device) full ranks of the evaluated positives in `evaluation`'s order, each one array or
-        a list of per-device arrays (`full_ranks`, `full_ranks_with`); without them a run that ranks fully records NaN
-        for this chunk's full-ranking metrics.
+        `full_ranks`: (start, device) full ranks of the evaluated positives in `evaluation`'s order, each one array,
+        a list of per-device arrays (`full_ranks`, `full_ranks_with`) or BROADCAST_RANKS (the driver fills that
+        model's columns from the cloud's evaluation of W_t); without them a run that ranks fully records NaN for
+        this chunk's full-ranking metrics.
 
         The pack's compute time is shared out in proportion to each device's work (samples trained, held and
         evaluated, plus `extra_work`); time already attributed to single devices (`own_time_s`, part of
@@ -228,8 +242,9 @@ class DeviceHost:
         start = self._ranking(evaluation, device_ids, start_scores)
         device = self._ranking(evaluation, device_ids, device_scores)
         if self.full_ranking:
-            start |= self._full_ranking(evaluation, device_ids, None if full_ranks is None else full_ranks[0])
-            device |= self._full_ranking(evaluation, device_ids, None if full_ranks is None else full_ranks[1])
+            for columns_of, ranks in zip((start, device), full_ranks or (None, None), strict=True):
+                if not isinstance(ranks, str):
+                    columns_of |= self._full_ranking(evaluation, device_ids, ranks)
         n_train = np.bincount(local.rows, weights=self.data.label[local.indices] == 1, minlength=len(device_ids))
         work = samples_trained + local.counts + evaluation.counts + extra_work
         share = work / max(work.sum(), 1)

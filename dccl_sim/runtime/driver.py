@@ -7,6 +7,7 @@ only moves data and times phases; observers write records and checkpoints and sh
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -171,6 +172,9 @@ def _run(
         ids = columns["device_id"].astype(np.int64)
         broadcast = broadcast_evaluation.of_devices(ids)
         columns |= {f"broadcast_{name}": broadcast[name] for name in ("auc", *ranking)}
+        # a model the devices left to the cloud's ranking of W_t (BROADCAST_RANKS): the broadcast model's values
+        for model, name in itertools.product(("start", "device"), ranking):
+            columns.setdefault(f"{model}_{name}", broadcast[name])
         actual = strategy.device_cost(cost, counts["n_local"][ids], counts["n_eval"][ids], columns)
         columns["flops"] = actual.flops
         times = latency.device_times(profiles.subset(ids), actual.flops, actual.download_bytes, actual.upload_bytes)

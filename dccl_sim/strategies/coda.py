@@ -146,7 +146,7 @@ class CoDA(MetaPatch):
             },
             extra_work=counts,
             own_time_s=classifier,
-            full_ranks=patched_full_ranks(device, evaluation, theta_start, step.theta),
+            full_ranks=patched_full_ranks(device, evaluation, self.full_start(theta_start), step.theta),
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

@@ -29,6 +29,7 @@ class DCCL(MetaPatch):
     participant never seen starts from the encoder's cold start E_ψ(profile, 0)."""
 
     name = "dccl"
+    starts_from_broadcast = False
 
     def start_cloud(self, cloud: CloudHost) -> None:
         self.theta_tilde = np.zeros((cloud.data.num_devices, self.config.patch.k), dtype=np.float32)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 
@@ -27,9 +29,10 @@ def patched_scores(
 
 
 def patched_full_ranks(
-    device: DeviceHost, evaluation: RoundSamples, theta_start: torch.Tensor, theta: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Full ranks of the starting and the personalized patched models (None when the run does not rank fully)."""
+    device: DeviceHost, evaluation: RoundSamples, theta_start: torch.Tensor | None, theta: torch.Tensor
+) -> tuple[np.ndarray | str, np.ndarray] | None:
+    """Full ranks of the starting and the personalized patched models (None when the run does not rank fully);
+    `theta_start` None: the start is the broadcast model itself (BROADCAST_RANKS)."""
     full = device.full_ranks(evaluation, (theta_start, theta))
     return None if full is None else (full[0], full[1])
 
@@ -39,6 +42,8 @@ class MetaPatch(CloudOnly):
 
     name = "metapatch"
     uses_patches = True
+    # `start_theta` is θ̂ = 0: devices start from the broadcast model itself
+    starts_from_broadcast: ClassVar[bool] = True
 
     def start_theta(self, broadcast: Broadcast, device_ids: np.ndarray) -> torch.Tensor:
         """Each device's starting meta-patch: θ̂ = 0, the broadcast model itself."""
@@ -65,8 +70,13 @@ class MetaPatch(CloudOnly):
             samples_trained=self._samples_trained(local.counts, step.gate_passed),
             elapsed_s=clock.elapsed(),
             uploads={"theta": step.theta.numpy()},
-            full_ranks=patched_full_ranks(device, evaluation, theta_start, step.theta),
+            full_ranks=patched_full_ranks(device, evaluation, self.full_start(theta_start), step.theta),
         )
+
+    def full_start(self, theta_start: torch.Tensor) -> torch.Tensor | None:
+        """The starting meta-patches to rank in full, None where the start is the broadcast model (ranked by the
+        cloud)."""
+        return None if self.starts_from_broadcast else theta_start
 
     def _samples_trained(self, counts: np.ndarray, gate_passed: np.ndarray) -> np.ndarray:
         """Samples passed through training (for the latency model's FLOPs): the gate's trial plus the refit."""
