@@ -28,13 +28,17 @@ threads oversubscribe the CPU and slow everything down.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import multiprocessing
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +92,13 @@ FIELDS = (
 # CoDA's own round columns: only CoDA runs record them; the other strategies have no candidates (0)
 ABSENT_AS_ZERO = ("candidates_per_device", "kept_per_device", "candidate_bytes_per_device")
 # the ranking columns at every cut-off of metrics.ks, kept too: e.g. device_hr@10, tail_cloud_ndcg@5, broadcast_mrr
-RANKING_COLUMN = re.compile(r"(tail_)?(broadcast|start|device|cloud)_(hr@\d+|ndcg@\d+|mrr)")
+RANKING_COLUMN = re.compile(r"(tail_)?(broadcast|start|device|cloud)_(full_)?(hr@\d+|ndcg@\d+|mrr)")
 # what the tables and plots show (NaN when a run's metrics.ks leaves out 10)
 SHOWN_RANKING = tuple(
     f"{tail}{model}_{metric}"
     for tail in ("", "tail_")
     for model in ("broadcast", "start", "device", "cloud")
-    for metric in ("hr@10", "ndcg@10", "mrr")
+    for metric in ("hr@10", "ndcg@10", "mrr", "full_hr@10", "full_ndcg@10", "full_mrr")
 )
 
 
@@ -119,6 +123,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="output path without suffix; writes OUT.json and OUT.md (default experiments/results/strategies_SPLIT)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs already finished under OUT_runs/ by the same commit and settings (each finished run "
+        "is kept there as it completes)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     for strategy in args.strategies:
@@ -126,8 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             load_config(None, [f"strategy={strategy}"])
         except ConfigError as error:
             parser.error(str(error))
-    if args.rounds < 1 or args.threads < 1:
-        parser.error("--rounds and --threads must be at least 1")
+    if args.rounds < 1 or args.threads < 1 or args.jobs < 1:
+        parser.error("--rounds, --threads and --jobs must be at least 1")
     if args.out is None:
         args.out = RESULTS / f"strategies_{args.split}"
     return args
@@ -313,6 +324,8 @@ def markdown(results: dict[str, Any]) -> str:
             cells += [_pm(r, f"{model}_{metric}") for metric in ("hr@10", "ndcg@10", "mrr") for model in models]
             cells += [_pm(r, f"tail_{model}_{metric}") for metric in ("hr@10", "ndcg@10") for model in models[:2]]
             lines.append("| " + " | ".join([*cells, _num(r, "t_round_s", ".0f")]) + " |")
+    if any(not math.isnan(_value(r, "device_full_hr@10")) for rows in mean.values() for r in rows):
+        lines += full_ranking_tables(mean, models)
     lines += [
         "",
         "## Device-side cost per round (means over participants; CoDA's candidates and kept samples)",
@@ -360,6 +373,76 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", *(f"![{caption}]({name})" for name, caption in results["plots"])]
     lines += ["", f"Machine: {results['machine']}; torch threads {results['threads']}; {results['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def ordering_flips(mean: dict[str, list[dict[str, Any]]], index: int, name: str) -> list[str]:
+    """Pairs of strategies that `<model>_<metric>` (name) orders one way by sampled and the other by full ranking in
+    round `index` (a tie on either side is no flip: strategies with the same cloud tie on the cloud's metrics)."""
+    values = {
+        s: (_value(rows[index], name), _value(rows[index], name.replace("_", "_full_", 1))) for s, rows in mean.items()
+    }
+    flips = []
+    for a, b in itertools.combinations(values, 2):
+        (sampled_a, full_a), (sampled_b, full_b) = values[a], values[b]
+        if (sampled_a - sampled_b) * (full_a - full_b) < 0:  # NaN compares False
+            flips.append(f"{a} / {b}")
+    return flips
+
+
+def _order(mean: dict[str, list[dict[str, Any]]], index: int, name: str) -> str:
+    """Strategies from best to worst by `name` in round `index`, tied values joined with "="."""
+    ranked = sorted(((_value(rows[index], name), s) for s, rows in mean.items()), key=lambda v: -v[0])
+    parts: list[str] = []
+    for i, (value, strategy) in enumerate(ranked):
+        tied = i > 0 and value == ranked[i - 1][0]
+        parts.append(("= " if tied else ("> " if parts else "")) + strategy)
+    return " ".join(parts)
+
+
+def full_ranking_tables(mean: dict[str, list[dict[str, Any]]], models: tuple[str, ...]) -> list[str]:
+    """The full-ranking table and whether any ordering of strategies flips between sampled and full ranking."""
+    lines = [
+        "",
+        "## Full ranking: HR@10, NDCG@10 and MRR",
+        "",
+        "Each test positive ranked among every item its user has not interacted with in training or validation "
+        "(`metrics.ranking=both`; docs/evaluation.md).",
+        "",
+        "| strategy | round | "
+        + " | ".join(f"full {metric} {model}" for metric in ("HR@10", "NDCG@10", "MRR") for model in models)
+        + " | tail full HR@10 broadcast | tail full HR@10 device |",
+        "|---|---|" + "---|" * 11,
+    ]
+    for strategy, rows in mean.items():
+        for r in rows:
+            cells = [strategy, str(r["round"])]
+            cells += [_pm(r, f"{model}_full_{metric}") for metric in ("hr@10", "ndcg@10", "mrr") for model in models]
+            cells += [_pm(r, f"tail_{model}_full_hr@10") for model in models[:2]]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Sampled vs full ranking: does any ordering of strategies flip?",
+        "",
+        "Strategies ordered by the mean over seeds of each metric, sampled and full; a flip is a pair the two "
+        "order differently (cloud_only, metapatch, local_finetune and coda share one cloud model, so they tie on "
+        "`cloud`).",
+        "",
+        "| round | metric | by sampled ranking | by full ranking | pairs that flip |",
+        "|---|---|---|---|---|",
+    ]
+    rounds = range(len(next(iter(mean.values()))))
+    total = 0
+    for index in rounds:
+        for model in ("device", "cloud"):
+            for metric in ("hr@10", "ndcg@10", "mrr"):
+                name = f"{model}_{metric}"
+                flips = ordering_flips(mean, index, name)
+                total += len(flips)
+                full = name.replace("_", "_full_", 1)
+                cells = [str(index), name, _order(mean, index, name), _order(mean, index, full), ", ".join(flips)]
+                lines.append("| " + " | ".join([*cells[:4], cells[4] or "none"]) + " |")
+    lines += ["", f"Flipped pairs in all: {total}." if total else "No ordering flips."]
+    return lines
 
 
 def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
@@ -433,29 +516,76 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     ]
 
 
+def source_commit() -> dict[str, Any]:
+    """The commit this checkout is at and whether it has uncommitted changes (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_kept(strategy: str, seed: int, args: argparse.Namespace, work_dir: Path, stamp: dict[str, Any]) -> dict:
+    """`run_one`'s rows and seconds, kept in OUT_runs/ with the commit that made them as the run finishes; with
+    --resume, a kept run of the same settings (`stamp`) is reused instead, and the results list every commit."""
+    kept = Path(f"{args.out}_runs") / f"{strategy}-{seed}.json"
+    if args.resume and kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved["stamp"] == stamp:
+            return {**saved, "reused": True}
+    tic = time.perf_counter()
+    rows = run_one(strategy, seed, args, work_dir)
+    result = {"stamp": stamp, "source": source_commit(), "rows": rows, "seconds": time.perf_counter() - tic}
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    temp = kept.with_suffix(".tmp")
+    temp.write_text(json.dumps(result))
+    temp.replace(kept)
+    return {**result, "reused": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    source = source_commit()
+    stamp = {"split": args.split, "rounds": args.rounds, "overrides": args.overrides}
+    commits: dict[str, dict[str, Any]] = {}
+    pairs = [(strategy, seed) for strategy in args.strategies for seed in args.seeds]
+    done: dict[tuple[str, int], list[dict[str, Any]]] = {}
+
+    def report(strategy: str, seed: int, result: dict[str, Any]) -> None:
+        done[(strategy, seed)] = rows = result["rows"]
+        commits[f"{strategy}-{seed}"] = result["source"]
+        if not args.quiet:
+            first, last = rows[0], rows[-1]
+            how = "reused" if result["reused"] else f"{result['seconds']:.0f} s"
+            print(
+                f"{strategy} seed {seed}: round-0 device − broadcast {first['device_gain_vs_broadcast']:+.4f}"
+                f" (− start {first['device_gain']:+.4f}), final cloud GAUC {last['cloud_gauc']:.4f} ({how})",
+                flush=True,
+            )
+
     with tempfile.TemporaryDirectory(prefix="dccl-strategies-") as tmp:
-        for strategy in args.strategies:
-            for seed in args.seeds:
-                tic = time.perf_counter()
-                try:
-                    rows = run_one(strategy, seed, args, Path(tmp))
-                except ConfigError as error:
-                    print(error, file=sys.stderr)
-                    return 2
-                runs.setdefault(strategy, []).append(rows)
-                if not args.quiet:
-                    first, last = rows[0], rows[-1]
-                    print(
-                        f"{strategy} seed {seed}: round-0 device − broadcast {first['device_gain_vs_broadcast']:+.4f}"
-                        f" (− start {first['device_gain']:+.4f}), "
-                        f"final cloud GAUC {last['cloud_gauc']:.4f} ({time.perf_counter() - tic:.0f} s)",
-                        flush=True,
-                    )
+        try:
+            if args.jobs == 1:
+                for strategy, seed in pairs:
+                    report(strategy, seed, run_kept(strategy, seed, args, Path(tmp), stamp))
+            else:
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(args.jobs, context, _start_worker, (args.threads,)) as pool:
+                    futures = {pool.submit(run_kept, s, seed, args, Path(tmp), stamp): (s, seed) for s, seed in pairs}
+                    for future in as_completed(futures):
+                        report(*futures[future], future.result())
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            return 2
+    runs = {strategy: [done[(strategy, seed)] for seed in args.seeds] for strategy in args.strategies}
     add_paired_cloud_gain(runs)
     config = load_config(None, args.overrides)
     results = {
@@ -467,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "overrides": args.overrides,
         "threads": args.threads,
+        "jobs": args.jobs,
+        **source,
+        "run_commits": commits,  # the commit each run was made at (--resume may reuse runs of earlier commits)
+        # the resolved config every run shares; each run sets its strategy and seed on top
+        "base_config": load_config(
+            None, [f"metrics.split={args.split}", f"rounds={args.rounds}", *args.overrides]
+        ).model_dump(mode="json"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         "wall_s": time.perf_counter() - started,
         "runs": {

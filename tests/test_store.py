@@ -125,3 +125,17 @@ def test_eval_negatives_drawn_on_load_match_the_stored_layout_for_any_subset(ml1
     other = build_dataset(ml100k_raw, config.model_copy(update={"eval_negatives_on_load": True}), seed=1)
     write_to(other, tmp_path / "other")
     assert not np.array_equal(read_devices(str(tmp_path / "other")).item, loaded.item)
+
+
+def test_a_cached_dataset_another_process_completed_is_kept(tmp_path: Path, ml100k_small) -> None:
+    """Two runs building the same cache entry at once: the later rename keeps the complete dataset the earlier one
+    put there (a run may be reading it) instead of removing it; a plain write replaces it."""
+    root = tmp_path / "entry"
+    write_to(ml100k_small, root, cached=True)
+    marker = root / "samples" / "reader-was-here"
+    marker.write_text("")
+    write_to(ml100k_small, root, cached=True)
+    assert marker.exists() and (root / "meta.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p != root]  # the second build's temporary folder is gone
+    write_to(ml100k_small, root)
+    assert not marker.exists() and (root / "meta.json").is_file()

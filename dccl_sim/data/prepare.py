@@ -71,7 +71,7 @@ def prepare_dataset(config: DataConfig, seed: int, settings: SettingsInput = Non
     root = Path(config.cache_dir).expanduser() / "datasets" / cache_key(config, seed, settings)
     if (root / "meta.json").is_file():
         return str(root)
-    write_to(build(config, seed, settings), root)
+    write_to(build(config, seed, settings), root, cached=True)
     return str(root)
 
 
@@ -86,15 +86,23 @@ def prepare_run_dataset(config: SimConfig) -> str:
     return prepare_dataset(config.data, config.seed, source_settings_of(config))
 
 
-def write_to(built: BuiltDataset, root: Path) -> None:
-    """Write atomically: build next to `root`, then rename, so a crash never leaves half a dataset."""
+def write_to(built: BuiltDataset, root: Path, cached: bool = False) -> None:
+    """Write atomically: build next to `root`, then rename, so a crash never leaves half a dataset. `cached`: root
+    is a cache entry, so a complete dataset another process has put there meanwhile (the same key: the same data)
+    is kept, never removed under that process's feet; otherwise, and when incomplete, it is replaced."""
     root.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(new_temp_path(str(root)))
     try:
         write_dataset(built, str(temp))
+        if cached and (root / "meta.json").is_file():
+            return
         if root.exists():
             shutil.rmtree(root)
-        temp.rename(root)
+        try:
+            temp.rename(root)
+        except OSError:  # another process renamed its build into place first
+            if not (cached and (root / "meta.json").is_file()):
+                raise
     finally:
         if temp.exists():
             shutil.rmtree(temp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,8 @@ class CloudHost:
         loss = losses[-1] if losses else float("nan")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.with_suffix(".tmp")
+            # a name of its own: runs pretraining the same cloud at once must not write into one file
+            temp = path.with_suffix(f".{os.getpid()}.tmp")
             state = {"cloud": state_to_numpy(self.models.cloud), "patch": state_to_numpy(self.models.patch)}
             torch.save({**state, "loss": loss}, temp)
             temp.replace(path)
