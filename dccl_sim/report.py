@@ -90,6 +90,24 @@ def bucket_gauc(devices: dict[str, np.ndarray], round_index: int, column: str, n
     return [*per_bucket, metrics.pooled_gauc(auc, n_test)]
 
 
+def bucket_ranking(devices: dict[str, np.ndarray], round_index: int, column: str, n_buckets: int) -> list[float]:
+    """A per-device ranking column (e.g. `device_full_ndcg@10`) in one round, pooled as the round records pool it
+    (each device weighted by its queries, `n_queries`): per activity bucket 0..n_buckets-1, then over all devices
+    (the last entry); NaN where no device of the bucket has queries, or the run lacks the column."""
+    if column not in devices or "n_queries" not in devices:
+        return [float("nan")] * (n_buckets + 1)
+    rows = devices["round"] == round_index
+    values, bucket = devices[column][rows].astype(np.float64), devices["bucket"][rows]
+    queries = devices["n_queries"][rows].astype(np.float64)
+
+    def pooled(mask: np.ndarray) -> float:
+        used = mask & (queries > 0) & np.isfinite(values)
+        total = queries[used].sum()
+        return float((values[used] * queries[used]).sum() / total) if total else float("nan")
+
+    return [*(pooled(bucket == b) for b in range(n_buckets)), pooled(np.ones(len(values), dtype=bool))]
+
+
 def bucket_column_labels(quantiles: Sequence[float]) -> list[str]:
     """Labels of `bucket_gauc`'s entries: each bucket's activity quantile range (the first marked as the tail),
     then "all"."""
@@ -109,6 +127,8 @@ def _columns(path: Path) -> dict[str, np.ndarray]:
 
 def _markdown(run_dir, config, rounds, devices, plots) -> str:
     n = len(rounds["round"])
+    ranking_kind = _get(config, "metrics.ranking", "sampled")
+    sampled, full = ranking_kind != "full", ranking_kind != "sampled"
     lines = [f"# dccl-sim report: `{run_dir.name}`", ""]
     lines += [f"- **{key}**: {value}" for key, value in _header(config, rounds).items()]
     lines += ["", f"Finished rounds: {n} of {config.get('rounds', '?')} configured.", ""]
@@ -118,8 +138,13 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
         "from (dccl adds its starting meta-patch θ̃), `device` the personalized on-device models (the personalization "
         "gain is `device − broadcast`), "
         "`cloud` the cloud model after the round's update; `tail` is the least active bucket of devices (bucket 0). "
-        f"Evaluated on the `{_get(config, 'metrics.split', 'test')}` split with "
-        f"{_get(config, 'data.eval_negatives', '?')} negatives per positive"
+        f"Evaluated on the `{_get(config, 'metrics.split', 'test')}` split; a positive is ranked among "
+        + {
+            "sampled": f"its {_get(config, 'data.eval_negatives', '?')} sampled negatives",
+            "full": "every item its user has not interacted with (`full`; AUC and GAUC on the sampled negatives)",
+            "both": f"its {_get(config, 'data.eval_negatives', '?')} sampled negatives and, in the `full` rows, "
+            "among every item its user has not interacted with",
+        }[ranking_kind]
         + (
             f", over a fixed seeded sample of {eval_devices:,} devices (`metrics.eval_devices`)."
             if (eval_devices := _get(config, "metrics.eval_devices")) is not None
@@ -143,15 +168,20 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
         ],
     )
     lines.append("")
-    ranking = [("round", "round", "d")]
     k = _get(config, "metrics.k", 10)
-    # the @K columns; runs written before `metrics.ks` have only the *10 names (the same metrics at k = 10)
-    for metric, label in ((f"hr@{k}", f"HR@{k}"), (f"ndcg@{k}", f"NDCG@{k}"), ("mrr", "MRR")):
-        legacy = {f"hr@{k}": "hr10", f"ndcg@{k}": "ndcg10"}.get(metric, metric)
-        for model in ("broadcast", "device", "cloud"):
-            name = f"{model}_{metric}" if f"{model}_{metric}" in rounds else f"{model}_{legacy}"
-            ranking.append((f"{model} {label}", name, ".4f"))
-    lines += [*_table(rounds, ranking), ""]
+    kinds = [(kind, label) for kind, label, wanted in (("", "", sampled), ("full_", "full ", full)) if wanted]
+    for kind, kind_label in kinds:
+        ranking = [("round", "round", "d")]
+        # the @K columns; runs written before `metrics.ks` have only the *10 names (the same metrics at k = 10)
+        for metric, label in ((f"hr@{k}", f"HR@{k}"), (f"ndcg@{k}", f"NDCG@{k}"), ("mrr", "MRR")):
+            legacy = {f"hr@{k}": "hr10", f"ndcg@{k}": "ndcg10"}.get(metric, metric)
+            for model in ("broadcast", "device", "cloud"):
+                name = f"{model}_{kind}{metric}"
+                name = name if name in rounds or kind else f"{model}_{legacy}"
+                ranking.append((f"{model} {kind_label}{label}", name, ".4f"))
+        lines += [*_table(rounds, ranking), ""]
+    if devices is not None and "n_queries" in devices and n:
+        lines += _bucket_ranking_table(config, devices, int(rounds["round"][-1]), k, kinds)
     lines += ["## Latency per round", ""]
     lines += [
         "Measured wall-clock seconds of the simulator's phases (the device phase includes the gather: the time "
@@ -185,6 +215,22 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
     if devices is None:
         lines += ["No devices.parquet in this run directory: per-device plots left out.", ""]
     return "\n".join(lines)
+
+
+def _bucket_ranking_table(
+    config: dict, devices: dict[str, np.ndarray], round_index: int, k: int, kinds: list[tuple[str, str]]
+) -> list[str]:
+    """NDCG@k of the broadcast, personalized and cloud models per activity bucket in one round (`bucket_ranking`)."""
+    quantiles = _get(config, "metrics.bucket_quantiles", [])
+    labels = bucket_column_labels(quantiles)
+    lines = [f"NDCG@{k} by users' activity bucket (quantile range of training interactions), round {round_index}:", ""]
+    lines += ["| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for kind, kind_label in kinds:
+        for model in ("broadcast", "device", "cloud"):
+            values = bucket_ranking(devices, round_index, f"{model}_{kind}ndcg@{k}", len(quantiles) + 1)
+            cells = ["—" if np.isnan(v) else f"{v:.4f}" for v in values]
+            lines.append(f"| {model} {kind_label}NDCG@{k} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _header(config: dict, rounds: dict[str, np.ndarray]) -> dict[str, str]:

@@ -255,6 +255,12 @@ def test_ranking_full_reports_full_ranking_alone_and_sampled_none(tmp_path) -> N
     assert sampled["cloud_hr10"] == pytest.approx(sampled["cloud_hr@10"])
     # the same cloud model either way: full ranking only adds columns
     assert full["cloud_gauc"] == pytest.approx(sampled["cloud_gauc"], abs=1e-12)
+    # the report shows what the run measured: full-ranking rows and per-bucket values, no sampled ranking rows
+    from dccl_sim.report import write_report
+
+    text = write_report(tmp_path / "full").read_text()
+    assert "device full NDCG@10" in text and "every item its user has not interacted with" in text
+    assert "device HR@10" not in text and "device NDCG@10 |" not in text
 
 
 def test_device_hosts_rank_as_the_cloud_host_does(tmp_path) -> None:
@@ -281,3 +287,18 @@ def test_device_hosts_rank_as_the_cloud_host_does(tmp_path) -> None:
         got = metrics.per_device_rank_metrics(ranks, device.data.sample_device[positives], ids, (5, 10, 20))
         for name in metrics.ranking_names((5, 10, 20)):
             np.testing.assert_allclose(got[name], expected[f"full_{name}"], atol=1e-12, err_msg=name)
+
+
+def test_per_device_ranking_columns_pool_to_the_round_metrics(tmp_path) -> None:
+    """devices.parquet holds each device's queries and HR/NDCG at metrics.k for every model, sampled and full;
+    pooled over all devices by their queries they give the round's own values, and per bucket 0 its tail values."""
+    from dccl_sim.report import bucket_ranking
+
+    rounds = _rounds(tmp_path, "strategy=metapatch", "metrics.ranking=both", "runtime.participation=1.0")
+    devices = {name: np.array(values) for name, values in _read(tmp_path / "devices.parquet").items()}
+    for t in (0, 1):
+        for model in ("broadcast", "device", "cloud"):
+            for name in ("hr@10", "full_ndcg@10"):
+                pooled = bucket_ranking(devices, t, f"{model}_{name}", 4)
+                assert pooled[-1] == pytest.approx(rounds[f"{model}_{name}"][t], abs=1e-9), (t, model, name)
+                assert pooled[0] == pytest.approx(rounds[f"tail_{model}_{name}"][t], abs=1e-9, nan_ok=True)

@@ -24,7 +24,7 @@ from dccl_sim.runtime.base import Runtime
 from dccl_sim.runtime.memory import MemoryMonitor
 from dccl_sim.runtime.observers import Observer
 from dccl_sim.runtime.placement import plan_packs
-from dccl_sim.runtime.records import RoundRecord
+from dccl_sim.runtime.records import RoundRecord, device_ranking_columns
 from dccl_sim.seeding import seeded_generator, stream_tag
 from dccl_sim.strategies.base import Strategy
 
@@ -182,9 +182,17 @@ def _run(
         sim_round = (float(times.max()) if len(times) else 0.0) + cloud_flops / config.latency.cloud_flops
 
         frame = _device_frame(
-            t, sampled, planned.flops, planned_times, columns, times, bucket_of_device, evaluation, strategy
+            config,
+            t,
+            sampled,
+            planned.flops,
+            planned_times,
+            columns,
+            times,
+            bucket_of_device,
+            {"cloud": evaluation, "broadcast": broadcast_evaluation},
+            strategy,
         )
-        frame["broadcast_auc"] = broadcast_evaluation.auc_of(sampled)
         shared_download = actual.model_download_bytes
         broadcast_bytes = shared_download * len(participants) + int((actual.download_bytes - shared_download).sum())
         record = _round_record(
@@ -217,6 +225,7 @@ def _run(
 
 
 def _device_frame(
+    config: SimConfig,
     t: int,
     sampled: np.ndarray,
     planned_flops: np.ndarray,
@@ -224,11 +233,13 @@ def _device_frame(
     columns: dict[str, np.ndarray],
     times: np.ndarray,
     bucket_of_device: np.ndarray,
-    evaluation: metrics.Evaluation,
+    cloud_side: dict[str, metrics.Evaluation],
     strategy: Strategy,
 ) -> dict[str, np.ndarray]:
     """One row per sampled device: results where they came back; where they did not, NaN (0 for counts), the planned
-    FLOPs and time, straggler=True, and the strategy's default for its own columns."""
+    FLOPs and time, straggler=True, and the strategy's default for its own columns. `cloud_side`: the cloud's
+    evaluations of the updated ("cloud") and the broadcast model, which hold every evaluated device."""
+    evaluation = cloud_side["cloud"]
     n = len(sampled)
     rows = np.searchsorted(sampled, columns["device_id"])
     frame = {
@@ -245,11 +256,19 @@ def _device_frame(
         "sim_time_s": planned_times.copy(),
         "straggler": np.ones(n, dtype=bool),
         "flops": planned_flops.astype(np.float64),
+        "broadcast_auc": cloud_side["broadcast"].auc_of(sampled),
+        "n_queries": np.zeros(n, dtype=np.int64),
     }
+    ranking = device_ranking_columns(config)[1:]
+    of_devices = {model: e.of_devices(sampled) for model, e in cloud_side.items()}
+    for name in ranking:
+        model, metric = name.split("_", 1)
+        frame[name] = of_devices[model][metric] if model in of_devices else np.full(n, np.nan)
     for name, missing in strategy.device_columns.items():
         frame[name] = np.full(n, missing)
-    copied = ("n_train", "n_test", "start_auc", "device_auc", "gate_passed", "compute_s", "flops")
-    for name in (*copied, *strategy.device_columns):
+    copied = ("n_train", "n_test", "start_auc", "device_auc", "gate_passed", "compute_s", "flops", "n_queries")
+    device_side = [name for name in ranking if name.startswith(("start_", "device_"))]
+    for name in (*copied, *device_side, *strategy.device_columns):
         frame[name][rows] = columns[name]
     frame["sim_time_s"][rows] = times
     frame["straggler"][rows] = False

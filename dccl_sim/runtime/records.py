@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from dccl_sim.config import SimConfig
+
 DEVICE_RECORD_COLUMNS = (
     "round",
     "device_id",
@@ -33,9 +35,20 @@ DEVICE_RECORD_COLUMNS = (
 )
 
 
-def device_record_columns(strategy: type) -> tuple[str, ...]:
-    """devices.parquet's columns for a strategy: every strategy's, then its own `device_columns`."""
-    return (*DEVICE_RECORD_COLUMNS, *strategy.device_columns)
+def device_ranking_columns(config: SimConfig) -> tuple[str, ...]:
+    """devices.parquet's per-device ranking columns: the device's number of queries, then each model's HR and NDCG
+    at `metrics.k`, sampled (`device_hr@10`) and/or full (`device_full_hr@10`) as `metrics.ranking` says; pooled
+    per activity bucket by `report.bucket_ranking`."""
+    k, ranking = config.metrics.k, config.metrics.ranking
+    kinds = [kind for kind, wanted in (("", ranking != "full"), ("full_", ranking != "sampled")) if wanted]
+    names = [f"{model}_{kind}{metric}@{k}" for kind in kinds for model in MODELS for metric in ("hr", "ndcg")]
+    return ("n_queries", *names)
+
+
+def device_record_columns(strategy: type, config: SimConfig) -> tuple[str, ...]:
+    """devices.parquet's columns for a run: every strategy's, the ranking columns, then the strategy's own
+    `device_columns`."""
+    return (*DEVICE_RECORD_COLUMNS, *device_ranking_columns(config), *strategy.device_columns)
 
 
 class RoundRecord(BaseModel):
@@ -120,8 +133,11 @@ def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
     pq.write_table(table, path)
 
 
-# columns added after the first release, and the value rows written before them get, so older runs resume
-LATER_DEVICE_COLUMNS = {"flops": np.float64(np.nan), "broadcast_auc": np.float64(np.nan)}
+# the models every round evaluates, in column order
+MODELS = ("broadcast", "start", "device", "cloud")
+# columns added after the first release, and the value rows written before them get, so older runs resume (and
+# every per-device ranking column, NaN)
+LATER_DEVICE_COLUMNS = {"flops": np.float64(np.nan), "broadcast_auc": np.float64(np.nan), "n_queries": np.int64(0)}
 
 
 def read_devices_records(path: str, names: tuple[str, ...] = DEVICE_RECORD_COLUMNS) -> list[dict[str, np.ndarray]]:
@@ -132,7 +148,9 @@ def read_devices_records(path: str, names: tuple[str, ...] = DEVICE_RECORD_COLUM
     columns = {
         name: table[name].to_numpy()
         if name in table.column_names
-        else np.full(len(rounds), LATER_DEVICE_COLUMNS[name])  # the value's dtype is the column's
+        else np.full(
+            len(rounds), LATER_DEVICE_COLUMNS.get(name, np.float64(np.nan))
+        )  # the value's dtype is the column's
         for name in names
     }
     return [{name: values[rounds == r] for name, values in columns.items()} for r in np.unique(rounds)]

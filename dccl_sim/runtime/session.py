@@ -37,7 +37,7 @@ def resume_state(run_dir: Path, overrides: list[str]) -> tuple[SimConfig, RunSta
         return config, RunState()
     last_round, cloud_state = checkpoint
     records = [r for r in read_rounds(str(run_dir / "rounds.parquet")) if r.round <= last_round]
-    names = device_record_columns(resolve(STRATEGY, config.strategy))
+    names = device_record_columns(resolve(STRATEGY, config.strategy), config)
     frames = [f for f in read_devices_records(str(run_dir / "devices.parquet"), names) if f["round"][0] <= last_round]
     if len(records) != last_round + 1:
         raise ConfigError(f"--resume {run_dir}: rounds.parquet does not match checkpoint of round {last_round}")
