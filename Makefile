@@ -15,7 +15,7 @@ TORCH_PIP_ARGS ?=
 BENCH_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test lint format data bench bench-flower-env clean
+.PHONY: install run test lint format data bench bench-flower-env results-check clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ data: $(STAMP)
 # *.json and README_table.md
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR)/experiments$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m bench $(BENCH_ARGS)
+
+# re-run one cell of every published strategies table on the current code and name what moved (exit 1 if anything did)
+results-check: $(STAMP)
+	PYTHONPATH=$(CURDIR)/experiments$${PYTHONPATH:+:$$PYTHONPATH} $(PY) experiments/results_check.py
 
 # .venv-flower for the benchmark's part 5 (Flower side by side; see experiments/bench/NOTES.md): torch as above,
 # Flower with its own Ray, dccl-sim's other dependencies, and this checkout's dccl-sim without its Ray pin. `make

@@ -45,5 +45,5 @@ def run(config: SimConfig | dict[str, Any], observers: list[Observer] | None = N
     from dccl_sim.runtime.session import run as run_session  # imports Ray only when a run starts
 
     config = config if isinstance(config, SimConfig) else build_config(config)
-    run_session(config, extra_observers=observers)
-    return load_run(config.output.out_dir)
+    state = run_session(config, extra_observers=observers)
+    return load_run(state.out_dir)

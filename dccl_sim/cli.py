@@ -14,6 +14,7 @@ from rich.table import Table
 
 from dccl_sim.config import ConfigError, SimConfig, load_config
 from dccl_sim.data.raw import DataError
+from dccl_sim.results import RunDirectoryError
 
 # messages hold paths and commands to copy: a line break inside one would corrupt it
 console = Console(soft_wrap=True)
@@ -25,17 +26,27 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> SimConf
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dccl_sim.runtime.run_dir import fresh_out_dir
     from dccl_sim.runtime.session import resume_state, run
 
     extra = []
     if args.address:
         extra += [f"runtime.address={args.address}", "runtime.backend=ray"]
+    if args.branch and not args.resume:
+        raise ConfigError("--branch NEW_DIR continues a run given with --resume DIR")
     if args.resume:
-        if args.config or args.out:
+        if args.config or args.out or args.overwrite:
             raise ConfigError("--resume continues a run with its saved config; use --set to change settings")
-        config, state = resume_state(Path(args.resume), list(args.set or []) + extra)
+        config, state = resume_state(Path(args.resume), list(args.set or []) + extra, args.branch)
+        if state.next_round >= config.rounds:
+            console.print(
+                f"{args.resume} has finished all {config.rounds} rounds; extend it with --set rounds=N "
+                f"(N > {config.rounds})"
+            )
+            return 0
     else:
-        config = _config(args, extra + ([f"output.out_dir={args.out}"] if args.out else []))
+        extra += [f"output.out_dir={args.out}"] if args.out else []
+        config = fresh_out_dir(_config(args, extra + (["output.overwrite=true"] if args.overwrite else [])))
         state = None
     out_dir = Path(config.output.out_dir)
     try:
@@ -46,7 +57,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"`dccl-sim run --resume {out_dir}`"
         )
         return 130
-    console.print(f"[green]done[/]: {len(state.records)} rounds in {out_dir} (rounds.parquet, devices.parquet)")
+    empty = sum(record.no_device_results for record in state.records)
+    console.print(
+        f"[green]done[/]: {len(state.records)} rounds in {out_dir} (rounds.parquet, devices.parquet)"
+        + (
+            f"; [yellow]{empty} of them had no device results[/] (every sampled device unavailable, late or lost: "
+            "see n_stragglers, n_failed, late_packs)"
+            if empty
+            else ""
+        )
+    )
     return 0
 
 
@@ -98,7 +118,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs/sweep")
     devices = sweep.parse_devices(args.devices) if args.devices else None
-    points = sweep.build_grid(devices, list(args.set or []), args.config, out)
+    overrides = list(args.set or []) + (["output.overwrite=true"] if args.overwrite else [])
+    points = sweep.build_grid(devices, overrides, args.config, out)
     swept = list(points[0].values)
     console.print(f"sweep: {len(points)} runs over {', '.join(swept) or 'no axis'} into {out}")
     try:
@@ -122,6 +143,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         table.add_row(*(format(row[name], spec) for _, name, spec in columns))
     console.print(table)
     console.print(f"written: {out / 'sweep.parquet'}, {out / 'sweep_latency.png'}")
+    return 0
+
+
+# what lives under data.cache_dir: (folder, what it holds)
+CACHE_PARTS = (
+    ("datasets", "built datasets (per data config, seed)"),
+    ("pretrained", "pretrained clouds (per pretraining key)"),
+    ("ml-100k", "the MovieLens-100K download"),
+)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Show what dccl-sim caches under data.cache_dir, or clear parts of it."""
+    import shutil
+
+    root = _config(args).data.cache_dir.expanduser()
+    chosen = [name for name, _ in CACHE_PARTS] if args.clear == ["all"] else args.clear or []
+    unknown = sorted(set(chosen) - {name for name, _ in CACHE_PARTS})
+    if unknown:
+        raise ConfigError(f"cache --clear: unknown part {unknown[0]!r}; choose from datasets, pretrained, ml-100k, all")
+    for name in chosen:
+        freed = _size(root / name)
+        shutil.rmtree(root / name, ignore_errors=True)
+        console.print(f"cleared {root / name} ({freed / 2**20:.1f} MiB)")
+    table = Table(title=f"cache {root}", box=box.SIMPLE_HEAD)
+    for column in ("part", "entries", "MiB", "what"):
+        table.add_column(column, justify="left" if column in ("part", "what") else "right")
+    for name, what in CACHE_PARTS:
+        path = root / name
+        entries = len(list(path.iterdir())) if path.is_dir() else 0
+        table.add_row(name, str(entries), f"{_size(path) / 2**20:.1f}", what)
+    console.print(table)
     return 0
 
 
@@ -151,6 +208,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: output.out_dir)")
     run.add_argument("--address", help="join an existing Ray cluster (else RAY_ADDRESS, else embedded local Ray)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue (or extend with --set rounds=N) a run")
+    run.add_argument(
+        "--branch",
+        type=Path,
+        metavar="NEW_DIR",
+        help="with --resume: continue from the run's checkpoint into NEW_DIR, under changed settings",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
     run.set_defaults(handler=cmd_run)
 
     data = commands.add_parser("data", help="build a dataset directory (Parquet partitioned by device shard)")
@@ -165,7 +229,13 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--devices", help="device counts, e.g. 10,100,1000 (sets data.num_devices)")
     common(sweep)
     sweep.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier sweep in --out")
     sweep.set_defaults(handler=cmd_sweep)
+
+    cache = commands.add_parser("cache", help="show (or clear) what dccl-sim caches: datasets, pretrained clouds")
+    cache.add_argument("--clear", nargs="+", metavar="PART", help="clear parts: datasets, pretrained, ml-100k, or all")
+    common(cache)
+    cache.set_defaults(handler=cmd_cache)
 
     report = commands.add_parser("report", help="write report.md and plots for a run directory")
     report.add_argument("run_dir", type=Path)
@@ -177,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, RunDirectoryError) as error:
         console.print(f"[red]error[/]: {error}")
         return 2
     except Exception as error:

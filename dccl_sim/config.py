@@ -270,7 +270,10 @@ class MetricsConfig(Section):
 
 
 class OutputConfig(Section):
-    out_dir: Path = Path("runs/latest")
+    # the run directory; None: a new folder runs/<YYYYmmdd-HHMMSS>-<strategy> each run, runs/latest linking to it
+    out_dir: Path | None = None
+    # replace a run already in out_dir (its folder is cleared first); without it such a run is refused
+    overwrite: bool = False
     checkpoint_every: PositiveInt = 1
     progress: bool = True
 

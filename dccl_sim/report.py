@@ -12,17 +12,15 @@ stopped or a resumed run. Plots use matplotlib's Agg backend and are saved next 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dccl_sim import metrics
-from dccl_sim.results import check_run_dir
+from dccl_sim.results import check_run_dir, read_config, read_table
 
 PLOTS = {
     "metrics": "metrics.png",
@@ -71,8 +69,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict
     """The saved config (as a dict), the rounds table and the devices table (None if absent), as numpy columns
     sorted by round."""
     check_run_dir(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    rounds = _columns(run_dir / "rounds.parquet")
+    config = read_config(run_dir)
+    rounds = _columns(run_dir / "rounds.parquet", ["round", "strategy", "n_devices"])
     order = np.argsort(rounds["round"], kind="stable")
     rounds = {name: values[order] for name, values in rounds.items()}
     devices_file = run_dir / "devices.parquet"
@@ -117,8 +115,8 @@ def bucket_column_labels(quantiles: Sequence[float]) -> list[str]:
     return [*labels, "all"]
 
 
-def _columns(path: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(path)
+def _columns(path: Path, required: list[str] | None = None) -> dict[str, np.ndarray]:
+    table = read_table(path, required)
     return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
@@ -132,6 +130,14 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
     lines = [f"# dccl-sim report: `{run_dir.name}`", ""]
     lines += [f"- **{key}**: {value}" for key, value in _header(config, rounds).items()]
     lines += ["", f"Finished rounds: {n} of {config.get('rounds', '?')} configured.", ""]
+    if "no_device_results" in rounds and rounds["no_device_results"].any():
+        empty = ", ".join(str(r) for r in rounds["round"][rounds["no_device_results"].astype(bool)])
+        lines += [
+            f"**Rounds without any device result: {empty}.** Every sampled device was unavailable, late (a wall-clock "
+            "`runtime.deadline_s` drops whole packs) or lost, so their device metrics are missing and the cloud "
+            "learned nothing from devices in them.",
+            "",
+        ]
     lines += ["## Metrics per round", ""]
     lines += [
         "`broadcast` is the plain broadcast model (θ̂ = 0, no starting patch), `start` the model the devices began "

@@ -33,6 +33,7 @@ import yaml
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config, read_config_file
 from dccl_sim.runtime.memory import MemoryMonitor
+from dccl_sim.runtime.run_dir import holds_results
 
 DEVICES_KEY = "data.num_devices"
 PHASES = ("t_round_s", "t_devices_s", "t_distill_s", "t_eval_s", "t_broadcast_s", "t_gather_s", "t_checkpoint_s")
@@ -110,6 +111,12 @@ def build_grid(
         point_overrides.append(f"output.out_dir={out_dir / point_dir(values)}")
         config = build_config(apply_overrides(base, point_overrides))
         points.append(SweepPoint(values, config))
+    done = [p.config.output.out_dir for p in points if holds_results(Path(p.config.output.out_dir))]
+    if done and not points[0].config.output.overwrite:
+        raise ConfigError(
+            f"{out_dir} already holds this sweep's runs ({done[0]}{' ...' if len(done) > 1 else ''}); replace them "
+            "with --overwrite or choose another --out"
+        )
     return points
 
 

@@ -77,3 +77,19 @@ def test_data_command_writes_to_a_filesystem_uri(tmp_path: Path) -> None:
     assert main(["data", "synthetic", "--devices", "30", "--out", uri, "--set", "data.synthetic.num_items=100"]) == 0
     assert read_meta(uri).num_devices == 30
     assert read_devices(uri, [3, 4]).num_devices == 2
+
+
+def test_cache_command_shows_and_clears_parts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    for part, name in (("datasets", "ml100k-abc/meta.json"), ("pretrained", "0123.pt")):
+        (cache / part / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / part / name).write_bytes(b"x" * 2**20)
+    where = ["--set", f"data.cache_dir={cache}"]
+    assert main(["cache", *where]) == 0
+    shown = capsys.readouterr().out
+    assert "datasets" in shown and "1.0" in shown
+    assert main(["cache", "--clear", "pretrained", *where]) == 0
+    assert "cleared" in capsys.readouterr().out
+    assert not (cache / "pretrained").exists() and (cache / "datasets" / "ml100k-abc" / "meta.json").exists()
+    assert main(["cache", "--clear", "everything", *where]) == 2
+    assert "unknown part 'everything'" in capsys.readouterr().out

@@ -217,6 +217,17 @@ def test_wall_clock_deadline_drops_late_packs(tmp_path: Path) -> None:
     config = small_config(tmp_path / "late", "runtime.backend=local", "runtime.deadline_s=0.000001")
     state = run(config)
     assert all(r.n_participants == 0 and r.n_stragglers == 8 for r in state.records)
+    # loud, not silent: the records, the progress line and the report say the rounds had no device results
+    assert all(r.no_device_results and r.late_packs >= 1 for r in state.records)
+    assert "NO DEVICE RESULTS" in state.records[0].summary() and "per pack" in state.records[0].summary()
+    from dccl_sim.report import write_report
+
+    assert "Rounds without any device result: 0, 1." in write_report(tmp_path / "late").read_text()
+
+
+def test_a_round_with_results_is_not_flagged(tmp_path: Path) -> None:
+    state = run(small_config(tmp_path / "ok", "runtime.backend=local", "rounds=1"))
+    assert not state.records[0].no_device_results and "NO DEVICE" not in state.records[0].summary()
 
 
 def test_modelled_deadline_makes_slow_devices_stragglers(tmp_path: Path) -> None:

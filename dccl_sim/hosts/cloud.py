@@ -141,15 +141,21 @@ class CloudHost:
         return {"pretrain_loss": loss, "pretrain_cached": 0.0}
 
     def _pretrain_key(self) -> str:
+        """What decides pretraining: the seed, the models' and pretraining's settings, and the pretraining samples
+        themselves (a digest), not what only evaluation uses (`metrics.*`, the evaluation negatives)."""
         c = self.config
+        indices = self.pretraining_indices()
+        samples = hashlib.sha256()
+        for values in (self.data.sample_device, self.data.item, self.data.label, self.data.seq_pos):
+            samples.update(np.ascontiguousarray(values[indices]).tobytes())
         parts = {
             "seed": c.seed,
             "model": c.model.model_dump(mode="json"),
             "model_settings": _dump(c.section(type(self.models.cloud))),
             "patch": c.patch.model_dump(mode="json"),
             "cloud": c.cloud.model_dump(mode="json", include={"pretrain_epochs", "batch_size", "lr"}),
-            "data": c.data.model_dump(mode="json", exclude={"cache_dir"}),
-            "samples": [self.data.num_samples, int(self.data.item.sum()), int(self.data.sample_device.sum())],
+            "data": c.data.model_dump(mode="json", exclude={"cache_dir", "eval_negatives", "eval_negatives_on_load"}),
+            "samples": samples.hexdigest(),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

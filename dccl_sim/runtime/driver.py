@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class RunState:
     records: list[RoundRecord] = field(default_factory=list)
     device_frames: list[dict[str, np.ndarray]] = field(default_factory=list)
     cloud_state: dict | None = None
+    out_dir: Path | None = None  # the run directory, once the run has one
 
     @property
     def next_round(self) -> int:
@@ -377,6 +379,7 @@ def _round_record(
         upload_bytes_per_device=upload,
         download_bytes_per_device=download,
         late_packs=len(late_packs),
+        no_device_results=len(columns["device_id"]) == 0,
         **ranking_columns,
         **strategy_columns,
         **{key if key.startswith("cloud_") else f"cloud_{key}": float(value) for key, value in cloud_stats.items()},

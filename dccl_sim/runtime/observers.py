@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dccl_sim.config import SimConfig
-from dccl_sim.runtime.records import RoundRecord, write_devices, write_rounds
+from dccl_sim.results import RunDirectoryError
+from dccl_sim.runtime.records import RoundRecord, write_atomically, write_devices, write_rounds
 
 if TYPE_CHECKING:
     from dccl_sim.runtime.driver import RunState
@@ -43,16 +45,19 @@ class RunDirectory(Observer):
         self.out_dir = out_dir
         self.config = config
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(config.to_json())
+        write_atomically(out_dir / "config.json", config.to_json().encode())
 
     def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
+        # the records first, the checkpoint last: a checkpoint is the commit point of its round, so a run killed
+        # anywhere in between resumes from a checkpoint whose rounds are on disk (`resumable_checkpoint`)
         tic = time.perf_counter()
         write_devices(state.device_frames, str(self.out_dir / "devices.parquet"))
+        write_rounds(state.records, str(self.out_dir / "rounds.parquet"))
         if (record.round + 1) % self.config.output.checkpoint_every == 0 or record.round + 1 == self.config.rounds:
             save_checkpoint(self.out_dir, record.round, cloud_state)
         record.t_checkpoint_s = time.perf_counter() - tic
         record.t_round_s += record.t_checkpoint_s
-        write_rounds(state.records, str(self.out_dir / "rounds.parquet"))
+        write_rounds(state.records, str(self.out_dir / "rounds.parquet"))  # again, with the round's full time
 
 
 def checkpoint_dir(out_dir: Path) -> Path:
@@ -62,19 +67,30 @@ def checkpoint_dir(out_dir: Path) -> Path:
 def save_checkpoint(out_dir: Path, round_index: int, cloud_state: dict) -> None:
     folder = checkpoint_dir(out_dir)
     folder.mkdir(exist_ok=True)
-    temp = folder / f"round-{round_index:04d}.pt.tmp"
+    path = folder / f"round-{round_index:04d}.pt"
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save({"round": round_index, "cloud": cloud_state}, temp)
-    temp.replace(folder / f"round-{round_index:04d}.pt")
+    temp.replace(path)
     for old in sorted(folder.glob("round-*.pt"))[:-CHECKPOINTS_KEPT]:
         old.unlink()
 
 
-def latest_checkpoint(out_dir: Path) -> tuple[int, dict] | None:
-    files = sorted(checkpoint_dir(out_dir).glob("round-*.pt"))
-    if not files:
-        return None
-    saved = torch.load(files[-1], weights_only=False)
-    return saved["round"], saved["cloud"]
+def resumable_checkpoint(out_dir: Path, finished: int) -> tuple[int, dict] | None:
+    """(round, cloud state) of the newest checkpoint whose round is among the `finished` rounds on record, None if
+    there is none. A checkpoint is written after its round's records, so only a run killed in between (or records
+    damaged since) makes the newest one unusable; the one before it is kept for that."""
+    damaged = []
+    for path in sorted(checkpoint_dir(out_dir).glob("round-[0-9][0-9][0-9][0-9].pt"), reverse=True):
+        if int(path.stem.split("-")[1]) >= finished:
+            continue
+        try:
+            saved = torch.load(path, weights_only=False)
+            return saved["round"], saved["cloud"]
+        except Exception:
+            damaged.append(path)
+    if damaged:
+        raise RunDirectoryError(f"{damaged[0]}: damaged, and no older checkpoint to continue from could be read")
+    return None
 
 
 class ProgressDisplay(Observer):

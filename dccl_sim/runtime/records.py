@@ -9,13 +9,16 @@ activity bucket (bucket 0).
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dccl_sim.config import SimConfig
+from dccl_sim.results import RunDirectoryError, read_table
 
 DEVICE_RECORD_COLUMNS = (
     "round",
@@ -103,25 +106,61 @@ class RoundRecord(BaseModel):
     tail_broadcast_gauc: float = math.nan
     # PSS of the driver and the processes it started (an embedded Ray's workers included); NaN in older runs
     peak_memory_mb: float = math.nan
+    # no device's result came back (every sampled device unavailable, late or lost): the device metrics are NaN and
+    # the cloud updated on nothing; False in older runs
+    no_device_results: bool = False
+    # packs dropped by the wall-clock deadline runtime.deadline_s
+    late_packs: int = 0
 
     def summary(self) -> str:
         def show(value: float) -> str:
             return "  —  " if math.isnan(value) else f"{value:.4f}"
 
+        per_pack = (
+            f"; {self.late_packs} packs missed runtime.deadline_s (a wall-clock deadline applies per pack: a late "
+            "pack's devices are all dropped)"
+            if self.late_packs
+            else ""
+        )
+        if self.no_device_results:
+            return (
+                f"round {self.round}: NO DEVICE RESULTS: {self.n_stragglers} sampled devices dropped as late, "
+                f"{self.n_failed} packs lost{per_pack}; cloud {show(self.cloud_gauc)}, {self.t_round_s:.1f} s"
+            )
         return (
             f"round {self.round}: GAUC broadcast {show(self.broadcast_gauc)} → device {show(self.device_gauc)}, "
             f"cloud {show(self.cloud_gauc)} (tail {show(self.tail_cloud_gauc)}); "
-            f"{self.n_participants} devices, {self.n_stragglers} stragglers, {self.t_round_s:.1f} s"
+            f"{self.n_participants} devices, {self.n_stragglers} stragglers, {self.t_round_s:.1f} s{per_pack}"
         )
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file or the
+    new one, never half of one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_bytes(data)
+    temp.replace(path)
+
+
+def _write_table(table: pa.Table, path: str) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomically(Path(path), sink.getvalue().to_pybytes())
 
 
 def write_rounds(records: list[RoundRecord], path: str) -> None:
     rows = [record.model_dump() for record in records]
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    _write_table(pa.Table.from_pylist(rows), path)
 
 
 def read_rounds(path: str) -> list[RoundRecord]:
-    return [RoundRecord.model_validate(row) for row in pq.read_table(path).to_pylist()]
+    """The rounds of rounds.parquet; RunDirectoryError when the file is damaged."""
+    try:
+        return [RoundRecord.model_validate(row) for row in read_table(Path(path)).to_pylist()]
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise RunDirectoryError(f"{path}: damaged, {where}: {first['msg']}") from None
 
 
 def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
@@ -130,7 +169,7 @@ def write_devices(frames: list[dict[str, np.ndarray]], path: str) -> None:
     if not frames:
         return
     table = pa.table({name: np.concatenate([f[name] for f in frames]) for name in frames[-1]})
-    pq.write_table(table, path)
+    _write_table(table, path)
 
 
 # the models every round evaluates, in column order
@@ -143,7 +182,8 @@ LATER_DEVICE_COLUMNS = {"flops": np.float64(np.nan), "broadcast_auc": np.float64
 def read_devices_records(path: str, names: tuple[str, ...] = DEVICE_RECORD_COLUMNS) -> list[dict[str, np.ndarray]]:
     """The rows of devices.parquet as one dict of columns per round, with the given column names (a column the
     file lacks gets its value from `LATER_DEVICE_COLUMNS`)."""
-    table = pq.read_table(path)
+    required = [name for name in DEVICE_RECORD_COLUMNS if name not in LATER_DEVICE_COLUMNS]
+    table = read_table(Path(path), required)
     rounds = table["round"].to_numpy()
     columns = {
         name: table[name].to_numpy()

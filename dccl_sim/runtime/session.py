@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
 from dccl_sim.data.prepare import prepare_run_dataset
 from dccl_sim.data.store import read_meta
 from dccl_sim.plugins import STRATEGY, resolve
+from dccl_sim.results import read_config
 from dccl_sim.runtime.base import Runtime
 from dccl_sim.runtime.driver import Dataset, RunState, run_rounds
 from dccl_sim.runtime.local import LocalRuntime
-from dccl_sim.runtime.observers import Observer, ProgressDisplay, RunDirectory, latest_checkpoint
+from dccl_sim.runtime.observers import Observer, ProgressDisplay, RunDirectory, resumable_checkpoint
 from dccl_sim.runtime.records import device_record_columns, read_devices_records, read_rounds
+from dccl_sim.runtime.run_dir import branch, check_resume, claim, fresh_out_dir, point_latest
 
 
 def make_runtime(config: SimConfig) -> Runtime:
@@ -24,23 +25,38 @@ def make_runtime(config: SimConfig) -> Runtime:
     return RayRuntime(address=config.runtime.address)
 
 
-def resume_state(run_dir: Path, overrides: list[str]) -> tuple[SimConfig, RunState]:
+def resume_state(run_dir: Path, overrides: list[str], branch_to: Path | None = None) -> tuple[SimConfig, RunState]:
     """The config saved in `run_dir` (plus overrides, e.g. `rounds=N` to extend) and the rounds it finished up to
-    its last checkpoint."""
+    its last checkpoint. Overrides that would change what the finished rounds mean are refused
+    (`run_dir.check_resume`) unless `branch_to`: then the records and the checkpoint are copied there and the run
+    continues in that new directory under the changed settings."""
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
-    config = build_config(apply_overrides(json.loads(config_file.read_text()), overrides))
-    config = config.model_copy(update={"output": config.output.model_copy(update={"out_dir": run_dir})})
-    checkpoint = latest_checkpoint(run_dir)
+    saved = read_config(run_dir)
+    config = build_config(apply_overrides(saved, overrides))
+    out_dir = run_dir if branch_to is None else branch_to
+    config = config.model_copy(update={"output": config.output.model_copy(update={"out_dir": out_dir})})
+    rounds_file, devices_file = run_dir / "rounds.parquet", run_dir / "devices.parquet"
+    on_record = read_rounds(str(rounds_file)) if rounds_file.is_file() and devices_file.is_file() else []
+    checkpoint = resumable_checkpoint(run_dir, len(on_record))
+    finished = 0 if checkpoint is None else checkpoint[0] + 1
+    if branch_to is None:
+        check_resume(run_dir, build_config(saved), config, finished)
+    elif config.rounds < finished:
+        raise ConfigError(f"--branch: {run_dir} has finished {finished} rounds; rounds={config.rounds} is fewer")
     if checkpoint is None:
+        if branch_to is not None:
+            raise ConfigError(f"--branch: {run_dir} has no finished round to continue from")
         return config, RunState()
     last_round, cloud_state = checkpoint
-    records = [r for r in read_rounds(str(run_dir / "rounds.parquet")) if r.round <= last_round]
+    records = [r for r in on_record if r.round <= last_round]
     names = device_record_columns(resolve(STRATEGY, config.strategy), config)
-    frames = [f for f in read_devices_records(str(run_dir / "devices.parquet"), names) if f["round"][0] <= last_round]
+    frames = [f for f in read_devices_records(str(devices_file), names) if f["round"][0] <= last_round]
     if len(records) != last_round + 1:
         raise ConfigError(f"--resume {run_dir}: rounds.parquet does not match checkpoint of round {last_round}")
+    if branch_to is not None:
+        branch(run_dir, branch_to, last_round)
     return config, RunState(records=records, device_frames=frames, cloud_state=cloud_state)
 
 
@@ -50,9 +66,21 @@ def run(
     runtime: Runtime | None = None,
     extra_observers: list[Observer] | None = None,
 ) -> RunState:
-    """Run a simulation into `config.output.out_dir`, writing records and checkpoints after every round."""
+    """Run a simulation into `config.output.out_dir` (a new folder under runs/ when unset; `state.out_dir` says
+    which), writing records and checkpoints after every round. A fresh run (no `state`) does not write over another
+    run's rounds unless `output.overwrite`; a resumed run that has finished every round returns at once."""
+    if state is None:
+        config = fresh_out_dir(config)
+        claim(Path(config.output.out_dir), config.output.overwrite)
+    out_dir = Path(config.output.out_dir)
+    if state is not None and state.next_round >= config.rounds:
+        if runtime is not None:
+            runtime.shutdown()
+        state.out_dir = out_dir
+        return state
     runtime = runtime or make_runtime(config)
-    observers: list[Observer] = [RunDirectory(Path(config.output.out_dir), config)]
+    observers: list[Observer] = [RunDirectory(out_dir, config)]
+    point_latest(out_dir)
     if config.output.progress:
         observers.append(ProgressDisplay())
     observers += extra_observers or []
@@ -61,6 +89,8 @@ def run(
             observer.on_phase(state.next_round if state else 0, "preparing data")
         root = prepare_run_dataset(config)
         dataset = Dataset(root, read_meta(root).num_devices)
-        return run_rounds(config, runtime, dataset, observers, state)
+        state = run_rounds(config, runtime, dataset, observers, state)
+        state.out_dir = out_dir
+        return state
     finally:
         runtime.shutdown()
