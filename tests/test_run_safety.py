@@ -168,3 +168,28 @@ def test_the_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path: Path)
     assert cached("metrics.eval_devices=4", "metrics.split=valid", "metrics.ranking=both") == 1.0
     assert cached("cloud.lr=0.002") == 0.0
     assert cached("data.history_len=10") == 0.0
+
+
+def test_pretraining_shows_its_progress_with_an_eta(tmp_path: Path) -> None:
+    """Long set-up steps are not one static line: the phases name pretraining and bootstrapping with minibatch
+    counts that grow to their total and an ETA."""
+    from dccl_sim.runtime.observers import Observer
+
+    class Phases(Observer):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_phase(self, round_index: int, phase: str) -> None:
+            self.seen.append(phase)
+
+    phases = Phases()
+    run(
+        _config(tmp_path / "run", "rounds=1", "cloud.pretrain_epochs=3", "data.cache_dir=" + str(tmp_path / "c")),
+        extra_observers=[phases],
+    )
+    steps = [p for p in phases.seen if p.startswith(("pretraining:", "bootstrapping the patch generator:"))]
+    assert any(p.startswith("pretraining:") for p in steps) and any(p.startswith("bootstrapping") for p in steps)
+    assert all("ETA" in p and "minibatches" in p for p in steps)
+    last = [p for p in steps if p.startswith("pretraining:")][-1]
+    done, total = last.split(": ")[1].split(" ")[0].split("/")
+    assert done == total  # the last report is the whole step

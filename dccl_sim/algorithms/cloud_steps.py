@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -149,13 +151,15 @@ def bootstrap_patch(
     batch_size: int,
     history_len: int,
     seed: int,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Learn Θ and {A_l} with W frozen and a per-device θ table on the pretraining data (then the table is
     discarded: every device starts from θ = 0). Returns the mean BCE per epoch.
 
     The table starts near zero (`bootstrap_init_std`) and carries the devices' own L2 penalty (`bootstrap_l2`), so
     Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
-    trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md)."""
+    trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md). `on_batch(done,
+    total)` is called after every minibatch."""
     z0_of = FirstHiddenSource(model, data, indices, history_len)
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
@@ -167,6 +171,7 @@ def bootstrap_patch(
     rng = seeded_generator(*run_keys(seed, "bootstrap_minibatches"))
     frozen = _frozen(model)
     losses = []
+    total_batches, done = config.bootstrap_epochs * -(-len(indices) // batch_size), 0
     try:
         for _ in range(config.bootstrap_epochs):
             order = torch.from_numpy(rng.permutation(len(indices)))
@@ -190,6 +195,9 @@ def bootstrap_patch(
                 if table_optimizer is not None:
                     table_optimizer.step_rows(active, [active_rows.grad])
                 total += float(loss.detach()) * len(chunk)
+                done += 1
+                if on_batch is not None:
+                    on_batch(done, total_batches)
             losses.append(total / max(len(order), 1))
     finally:
         _restore(frozen)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.seeding import run_keys
 
 _FLOAT_BYTES = 4
+# hears of a set-up step's progress: (stage, minibatches done, minibatches in all)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class CloudHost:
         self.bucket_of_device = metrics.activity_buckets(self.data.n_train, config.metrics.bucket_quantiles)
         self.strategy = resolve(STRATEGY, config.strategy)(config)
         self.strategy.start_cloud(self)
+        self._progress: tuple[str, int, int] = ("", 0, 0)
 
     # ---------------------------------------------------------------- what cloud steps use
 
@@ -98,10 +102,11 @@ class CloudHost:
 
     # ---------------------------------------------------------------- what the driver calls
 
-    def pretrain(self, cache_dir: str | None) -> dict[str, float]:
+    def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]:
         """Central pretraining on every device's pretraining window, then bootstrapping G (docs/design.md §4).
 
-        Cached by everything that decides the result, so strategies compared on one dataset and seed share it."""
+        Cached by everything that decides the result, so strategies compared on one dataset and seed share it.
+        `on_progress(stage, done, total)` hears of every minibatch; `progress()` answers the same while it runs."""
         path = Path(cache_dir) / f"{self._pretrain_key()}.pt" if cache_dir else None
         if path is not None and path.is_file():
             state = torch.load(path, weights_only=False)
@@ -119,6 +124,7 @@ class CloudHost:
             lr=cloud.lr,
             history_len=hyper.history_len,
             seed_keys=run_keys(self.config.seed, "pretrain_minibatches"),
+            on_batch=self._reporter("pretraining", on_progress),
         )
         bootstrap_patch(
             self.models.cloud,
@@ -129,6 +135,7 @@ class CloudHost:
             cloud.batch_size,
             hyper.history_len,
             self.config.seed,
+            on_batch=self._reporter("bootstrapping the patch generator", on_progress),
         )
         loss = losses[-1] if losses else float("nan")
         if path is not None:
@@ -139,6 +146,18 @@ class CloudHost:
             torch.save({**state, "loss": loss}, temp)
             temp.replace(path)
         return {"pretrain_loss": loss, "pretrain_cached": 0.0}
+
+    def _reporter(self, stage: str, on_progress: Progress | None) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            self._progress = (stage, done, total)
+            if on_progress is not None:
+                on_progress(stage, done, total)
+
+        return report
+
+    def progress(self) -> tuple[str, int, int]:
+        """(stage, minibatches done, minibatches in all) of the set-up step running now (pretraining)."""
+        return self._progress
 
     def _pretrain_key(self) -> str:
         """What decides pretraining: the seed, the models' and pretraining's settings, and the pretraining samples

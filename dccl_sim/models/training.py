@@ -35,18 +35,20 @@ def fit(
     seed_keys: tuple[int, ...],
     extra_loss: ExtraLoss | None = None,
     parameters: list[nn.Parameter] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Minimize mean BCE (plus `extra_loss`) over the samples `indices` with Adam; returns the mean loss per epoch.
 
     Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible. The order is drawn
     as positions into `indices`, so that `extra_loss` finds per-sample values by position instead of searching for
-    each sample in every step.
+    each sample in every step. `on_batch(done, total)` is called after every minibatch (progress display).
     """
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)
     rng = seeded_generator(*seed_keys)
     losses = []
     model.train()
+    total_batches, done = epochs * -(-len(indices) // batch_size), 0
     for _ in range(epochs):
         # the same order as rng.permutation(indices): numpy shuffles arange(n) with the same draws
         order = rng.permutation(len(indices))
@@ -64,6 +66,9 @@ def fit(
             optimizer.step()
             total += float(loss.detach()) * len(chunk)
             count += len(chunk)
+            done += 1
+            if on_batch is not None:
+                on_batch(done, total_batches)
         losses.append(total / max(count, 1))
     model.eval()
     return losses

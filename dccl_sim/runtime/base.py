@@ -11,7 +11,7 @@ import numpy as np
 from dccl_sim import metrics
 from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
-from dccl_sim.hosts.cloud import DeviceInfo, ModelCost
+from dccl_sim.hosts.cloud import DeviceInfo, ModelCost, Progress
 
 
 @dataclass
@@ -27,7 +27,7 @@ class DevicePhase:
 class Cloud(Protocol):
     """What the round loop asks of the cloud (the `CloudHost`'s methods, called where the cloud lives)."""
 
-    def pretrain(self, cache_dir: str | None) -> dict[str, float]: ...
+    def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]: ...
     def load_state(self, state: dict[str, object]) -> None: ...
     def device_info(self) -> DeviceInfo: ...
     def model_cost(self) -> ModelCost: ...

@@ -115,7 +115,8 @@ def _run(
     cloud = runtime.cloud
     if state.cloud_state is None:
         _notify(observers, state.next_round, "pretraining the cloud model")
-        cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"))
+        progress = _SetupProgress(observers, state.next_round)
+        cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"), progress)
     else:
         cloud.load_state(state.cloud_state)
     # the plain broadcast model W_t (θ̂ = 0, no starting patch) is the cloud model as the previous round left it:
@@ -224,6 +225,26 @@ def _run(
         broadcast_evaluation = evaluation
         for observer in observers:
             observer.on_round(record, state, cloud_state)
+
+
+class _SetupProgress:
+    """Turns a set-up step's minibatch counts into phase lines with an ETA, at most one a second."""
+
+    def __init__(self, observers: Sequence[Observer], round_index: int) -> None:
+        self.observers, self.round_index = observers, round_index
+        self.stage, self.started, self.shown = "", 0.0, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if stage != self.stage:
+            self.stage, self.started = stage, now
+        if now - self.shown < 1.0 and done < total:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        eta = elapsed * (total - done) / done if done else float("nan")
+        text = f"{stage}: {done:,}/{total:,} minibatches, {elapsed:.0f} s, ETA {eta:.0f} s"
+        _notify(self.observers, self.round_index, text)
 
 
 def _device_frame(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.status import Status
 
 from dccl_sim.config import SimConfig
 from dccl_sim.results import RunDirectoryError
@@ -110,18 +111,31 @@ class ProgressDisplay(Observer):
             transient=False,
         )
         self.task = None
+        self.status: Status | None = None
+        self.step = ""
 
     def on_phase(self, round_index: int, phase: str) -> None:
-        if self.task is None:
-            self.console.log(phase)
-        else:
+        if self.task is not None:
             self.progress.update(self.task, phase=phase)
+            return
+        # set-up: a line per step, and one status line (updated in place) for the step's progress
+        step = phase.split(":")[0]
+        if step != self.step:
+            self.step = step
+            self.console.log(step)
+        if self.status is None:
+            self.status = self.console.status(phase)
+            self.status.start()
+        else:
+            self.status.update(phase)
 
     def on_start(self, config: SimConfig, num_devices: int, num_packs: int, first_round: int) -> None:
         self.console.log(
             f"{config.strategy} on {num_devices} devices in {num_packs} packs, "
             f"rounds {first_round}..{config.rounds - 1} ({config.runtime.backend} runtime)"
         )
+        if self.status is not None:
+            self.status.stop()
         self.progress.start()
         self.task = self.progress.add_task(config.strategy, total=config.rounds, completed=first_round, phase="")
 
@@ -130,4 +144,6 @@ class ProgressDisplay(Observer):
         self.progress.console.log(record.summary())
 
     def on_end(self, state: RunState) -> None:
+        if self.status is not None:
+            self.status.stop()
         self.progress.stop()

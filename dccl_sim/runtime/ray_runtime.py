@@ -20,11 +20,13 @@ from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
 from dccl_sim import metrics, plugins
 from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
-from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost
+from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost, Progress
 from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.runtime.base import DevicePhase, Runtime
 
-CloudActor = ray.remote(num_cpus=0)(CloudHost)
+# two threads: a progress() call is answered while pretrain() runs (the driver makes no other concurrent calls)
+CloudActor = ray.remote(num_cpus=0, max_concurrency=2)(CloudHost)
+PROGRESS_POLL_S = 0.5
 RESTART_WAIT_S = 600.0  # a restarted actor reloads its devices' data before it answers
 DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceHost)
 
@@ -89,8 +91,14 @@ class _RemoteCloud:
     def __init__(self, actor: Any) -> None:
         self._actor = actor
 
-    def pretrain(self, cache_dir: str | None) -> dict[str, float]:
-        return ray.get(self._actor.pretrain.remote(cache_dir))
+    def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]:
+        """Waits for pretraining, asking the actor (a second thread of it) how far it is every half second."""
+        done = self._actor.pretrain.remote(cache_dir)
+        while on_progress is not None and not ray.wait([done], timeout=PROGRESS_POLL_S)[0]:
+            stage, batches, total = ray.get(self._actor.progress.remote())
+            if total:
+                on_progress(stage, batches, total)
+        return ray.get(done)
 
     def load_state(self, state: dict[str, object]) -> None:
         ray.get(self._actor.load_state.remote(state))
