@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cli_args import csv_list
+from cli_args import csv_list, source_commit
 from rich.console import Console
 from rich.table import Table
 
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "std": "sample standard deviation over seeds (ddof=1)",
         },
         "config": json.loads(config.model_dump_json()),
+        **source_commit(),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -1,9 +1,13 @@
-"""Argument parsing shared by the experiment scripts (run them as `python experiments/NAME.py`)."""
+"""What the experiment scripts share (run them as `python experiments/NAME.py`): argument parsing, and the
+provenance every results file records."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def csv_list(kind: Callable[[str], object]) -> Callable[[str], list]:
@@ -20,3 +24,14 @@ def csv_list(kind: Callable[[str], object]) -> Callable[[str], list]:
         return values
 
     return parse
+
+
+def source_commit() -> dict[str, Any]:
+    """The commit this checkout is at and whether it has uncommitted changes (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}

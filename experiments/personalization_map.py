@@ -38,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from cli_args import csv_list
+from cli_args import csv_list, source_commit
 
 from dccl_sim import ConfigError, load_config, load_run, run
 
@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "rounds": args.rounds,
         "regime": list(REGIME),
+        **source_commit(),
+        # the resolved config every cell shares; each sets its strategy, seed, deviation and staleness on top
+        "base_config": load_config(None, [*REGIME, f"data.num_devices={args.devices}", *args.overrides]).model_dump(
+            mode="json"
+        ),
         "overrides": args.overrides,
         "bucket_quantiles": quantiles,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",

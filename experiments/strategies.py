@@ -34,7 +34,6 @@ import math
 import multiprocessing
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from cli_args import csv_list
+from cli_args import csv_list, source_commit
 
 from dccl_sim import ConfigError, load_config, load_run, run
 
@@ -514,17 +513,6 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         (rounds_png.name, "Cloud, broadcast and device metrics per round, mean ± std over seeds"),
         (buckets_png.name, "Personalization gain (device − broadcast) by user activity bucket, mean ± std over seeds"),
     ]
-
-
-def source_commit() -> dict[str, Any]:
-    """The commit this checkout is at and whether it has uncommitted changes (None outside a git checkout)."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def _start_worker(threads: int) -> None:
