@@ -111,6 +111,41 @@ def test_any_run_command_line_starts_a_run_or_fails_in_one_line(
         _one_line_error(printed)
 
 
+sweep_tokens = st.one_of(
+    st.sampled_from(["--devices", "--set", "--out", "--overwrite", "--config", "10,100", "0", "x,1", ",", "1e3"]),
+    st.text(max_size=12),
+    overrides.map(lambda o: o[0] if o else "device.local_epochs=1,2"),
+)
+
+
+@settings(
+    max_examples=EXAMPLES["command lines"], deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(argv=st.lists(sweep_tokens, max_size=6))
+def test_any_sweep_command_line_starts_a_sweep_or_fails_in_one_line(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every grid point is validated before a sweep runs; the sweep itself is replaced by a fake returning rows."""
+    from dccl_sim import sweep
+
+    def fake_sweep(points, out_dir, isolate=True, on_row=None):
+        return [{"strategy": p.config.strategy, "run_dir": str(p.config.output.out_dir)} for p in points]
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "table_columns", lambda swept: [])
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["sweep", *argv])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+        assert "Traceback" not in capsys.readouterr().err
+        return
+    printed = capsys.readouterr().out
+    assert code in (0, 2), printed
+    if code == 2:
+        _one_line_error(printed)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
