@@ -98,7 +98,7 @@ class ProgressDisplay(Observer):
     """A rich progress bar over rounds, with the current phase and each finished round's headline numbers."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)  # sentences, not source-file columns
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -144,6 +144,10 @@ class ProgressDisplay(Observer):
         self.progress.console.log(record.summary())
 
     def on_end(self, state: RunState) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the status line and the progress bar (again is harmless)."""
         if self.status is not None:
             self.status.stop()
         self.progress.stop()

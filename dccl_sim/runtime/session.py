@@ -81,8 +81,8 @@ def run(
     runtime = runtime or make_runtime(config)
     observers: list[Observer] = [RunDirectory(out_dir, config)]
     point_latest(out_dir)
-    if config.output.progress:
-        observers.append(ProgressDisplay())
+    display = ProgressDisplay() if config.output.progress else None
+    observers += [display] if display is not None else []
     observers += extra_observers or []
     try:
         for observer in observers:
@@ -93,4 +93,6 @@ def run(
         state.out_dir = out_dir
         return state
     finally:
+        if display is not None:  # a failure before the rounds began leaves the set-up status line running
+            display.close()
         runtime.shutdown()
