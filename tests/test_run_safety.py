@@ -168,6 +168,16 @@ def test_the_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path: Path)
     assert cached("metrics.eval_devices=4", "metrics.split=valid", "metrics.ranking=both") == 1.0
     assert cached("cloud.lr=0.002") == 0.0
     assert cached("data.history_len=10") == 0.0
+    # another thread count sums floats in another order: another pretrained model, so another entry
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert cached() == 0.0
+    finally:
+        torch.set_num_threads(threads)
+    assert cached() == 1.0
 
 
 def test_pretraining_shows_its_progress_with_an_eta(tmp_path: Path) -> None:
