@@ -52,7 +52,7 @@ class FakeCloud:
     calls: list[tuple] = field(default_factory=list)
     loaded: dict | None = None
 
-    def pretrain(self, cache_dir: str | None) -> dict[str, float]:
+    def pretrain(self, cache_dir: str | None, on_progress=None) -> dict[str, float]:
         self.calls.append(("pretrain",))
         return {}
 
