@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     moved_any = False
     with tempfile.TemporaryDirectory(prefix="dccl-results-check-") as tmp:
         for path in paths:
-            outcome = check(path, args.tolerance, Path(tmp))
+            outcome = check(path, args.tolerance, Path(tmp) / path.stem)
             cell = f"{outcome['file']}: {outcome['strategy']} seed {outcome['seed']} round 0"
             if outcome["moved"]:
                 moved_any = True
