@@ -11,6 +11,16 @@ from dccl_sim.data.movielens import load_ml100k
 from dccl_sim.data.raw import RawDataset
 from dccl_sim.data.synthetic import generate_synthetic
 
+# the smallest real run the round-loop tests use: 8 ML-100K users, 9 negatives per evaluation positive, one epoch
+# of pretraining and bootstrapping, no progress display (each file adds rounds and the runtime it needs)
+TINY_RUN = [
+    "data.num_devices=8",
+    "data.eval_negatives=9",
+    "cloud.pretrain_epochs=1",
+    "patch.bootstrap_epochs=1",
+    "output.progress=false",
+]
+
 
 def make_tiny_raw() -> RawDataset:
     """Three users (ids 10, 20, 30) over 16 items; user 30 has exactly 5 interactions."""

@@ -12,21 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccl_sim.cli import main
 from dccl_sim.config import ConfigError, Section, SimConfig, load_config
 
-SMALL = [
-    "data.num_devices=8",
-    "data.eval_negatives=9",
-    "cloud.pretrain_epochs=1",
-    "patch.bootstrap_epochs=1",
-    "runtime.backend=local",
-    "output.progress=false",
-    "rounds=2",
-]
+SMALL = [*TINY_RUN, "runtime.backend=local", "rounds=2"]
 # generated cases per property: settings (fast), command lines, damaged run directories (each writes a report)
 EXAMPLES = {"settings": 300, "command lines": 150, "damaged runs": 50}
 
@@ -57,6 +50,20 @@ def _one_line_error(printed: str) -> None:
     assert "Traceback" not in printed, printed
     errors = [line for line in printed.splitlines() if line.startswith("error")]
     assert len(errors) == 1, printed
+
+
+def _succeeds_or_fails_in_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`dccl-sim ARGV` exits 0, or 2 with one error line (argparse: its usage and exit 2), never a traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        assert exit_.code == 2
+        assert "Traceback" not in capsys.readouterr().err
+        return
+    printed = capsys.readouterr().out
+    assert code in (0, 2), printed
+    if code == 2:
+        _one_line_error(printed)
 
 
 @settings(max_examples=EXAMPLES["settings"], deadline=None)
@@ -99,16 +106,7 @@ def test_any_run_command_line_starts_a_run_or_fails_in_one_line(
     argv: list[str], no_simulation: list, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    try:
-        code = main(["run", *argv])
-    except SystemExit as exit_:  # argparse: its usage line and exit 2
-        assert exit_.code == 2
-        assert "Traceback" not in capsys.readouterr().err
-        return
-    printed = capsys.readouterr().out
-    assert code in (0, 2), printed
-    if code == 2:
-        _one_line_error(printed)
+    _succeeds_or_fails_in_one_line(["run", *argv], capsys)
 
 
 sweep_tokens = st.one_of(
@@ -134,16 +132,7 @@ def test_any_sweep_command_line_starts_a_sweep_or_fails_in_one_line(
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr(sweep, "table_columns", lambda swept: [])
     monkeypatch.chdir(tmp_path)
-    try:
-        code = main(["sweep", *argv])
-    except SystemExit as exit_:
-        assert exit_.code == 2
-        assert "Traceback" not in capsys.readouterr().err
-        return
-    printed = capsys.readouterr().out
-    assert code in (0, 2), printed
-    if code == 2:
-        _one_line_error(printed)
+    _succeeds_or_fails_in_one_line(["sweep", *argv], capsys)
 
 
 @pytest.fixture(scope="module")

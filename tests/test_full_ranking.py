@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from dccl_sim import metrics, plugins
 from dccl_sim.algorithms.full_ranking import FullRanker, ranks_among_candidates
@@ -197,15 +198,7 @@ def test_full_rank_is_never_better_than_the_sampled_rank(ml100k_small, trained, 
 
 # ---------------------------------------------------------------- full ranking in the round loop (metrics.ranking)
 
-ROUND_SETTINGS = [
-    "data.num_devices=8",
-    "data.eval_negatives=9",
-    "rounds=2",
-    "cloud.pretrain_epochs=1",
-    "patch.bootstrap_epochs=1",
-    "output.progress=false",
-    "runtime.backend=local",
-]
+ROUND_SETTINGS = [*TINY_RUN, "rounds=2", "runtime.backend=local"]
 MODELS = ("broadcast", "start", "device", "cloud")
 
 

@@ -13,19 +13,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_RUN
 
 from dccl_sim.cli import main
 from dccl_sim.config import ConfigError, load_config
 from dccl_sim.runtime.session import resume_state, run
 
-SMALL = [
-    "data.num_devices=8",
-    "data.eval_negatives=9",
-    "cloud.pretrain_epochs=1",
-    "patch.bootstrap_epochs=1",
-    "runtime.backend=local",
-    "output.progress=false",
-]
+SMALL = [*TINY_RUN, "runtime.backend=local"]
 
 
 def _config(out: Path | None, *overrides: str):

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from dccl_sim import metrics
 from dccl_sim.config import SimConfig, load_config
@@ -22,14 +23,7 @@ from dccl_sim.runtime.ray_runtime import RayRuntime, RuntimeStartError
 from dccl_sim.runtime.records import LATER_DEVICE_COLUMNS
 from dccl_sim.runtime.session import resume_state, run
 
-SMALL = [
-    "data.num_devices=8",
-    "data.eval_negatives=9",
-    "rounds=2",
-    "cloud.pretrain_epochs=1",
-    "patch.bootstrap_epochs=1",
-    "output.progress=false",
-]
+SMALL = [*TINY_RUN, "rounds=2"]
 METRICS = ["start_gauc", "device_gauc", "cloud_gauc", "cloud_auc", "device_hr10", "cloud_ndcg10", "tail_cloud_gauc"]
 
 
