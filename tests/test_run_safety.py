@@ -197,3 +197,21 @@ def test_pretraining_shows_its_progress_with_an_eta(tmp_path: Path) -> None:
     last = [p for p in steps if p.startswith("pretraining:")][-1]
     done, total = last.split(": ")[1].split(" ")[0].split("/")
     assert done == total  # the last report is the whole step
+
+
+def test_a_changed_plugin_source_refuses_the_resume(tmp_path: Path, monkeypatch) -> None:
+    """A run made with a user's plug-in records a digest of its source; editing the plug-in afterwards makes a
+    resume refuse (the finished rounds came from the old code) and --branch continue under the new one."""
+    plugin = tmp_path / "safety_fedprox.py"
+    plugin.write_text((Path(__file__).parents[1] / "examples" / "fedprox.py").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    run(_config(out, "rounds=1", "strategy=safety_fedprox:FedProx"))
+    assert "safety_fedprox:FedProx" in (out / "plugins.json").read_text()
+    resume_state(out, ["rounds=2"])  # unchanged plug-in: fine
+    plugin.write_text(plugin.read_text() + "\n# an edit\n")
+    with pytest.raises(ConfigError, match="plug-in source of strategy changed"):
+        resume_state(out, ["rounds=2"])
+    config, state = resume_state(out, ["rounds=2"], branch_to=tmp_path / "branch")
+    assert state.next_round == 1 and config.output.out_dir == tmp_path / "branch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.status import Status
 from dccl_sim.config import SimConfig
 from dccl_sim.results import RunDirectoryError
 from dccl_sim.runtime.records import RoundRecord, write_atomically, write_devices, write_rounds
+from dccl_sim.runtime.run_dir import plugin_sources
 
 if TYPE_CHECKING:
     from dccl_sim.runtime.driver import RunState
@@ -47,6 +49,9 @@ class RunDirectory(Observer):
         self.config = config
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(out_dir / "config.json", config.to_json().encode())
+        sources = plugin_sources(config)
+        if sources:  # what a resume checks the plug-ins against
+            write_atomically(out_dir / "plugins.json", json.dumps(sources, indent=1).encode())
 
     def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
         # the records first, the checkpoint last: a checkpoint is the commit point of its round, so a run killed

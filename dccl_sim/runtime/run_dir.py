@@ -4,6 +4,8 @@ what does not change the results."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -17,7 +19,15 @@ from dccl_sim.config import ConfigError, SimConfig
 RUNS = Path("runs")
 LATEST = "latest"
 # the files and folders a run directory holds; anything else in a directory makes it not a run's
-RUN_FILES = {"config.json", "rounds.parquet", "devices.parquet", "checkpoints", "report.md", "branch.json"}
+RUN_FILES = {
+    "config.json",
+    "rounds.parquet",
+    "devices.parquet",
+    "checkpoints",
+    "report.md",
+    "branch.json",
+    "plugins.json",
+}
 # what a run's results depend on is everything in its config except these: a resume may change them (`rounds` only
 # upwards). Placement (backend, actors, devices per actor) leaves results unchanged (tests/test_runtime.py).
 RESUMABLE = (
@@ -119,6 +129,35 @@ def check_resume(run_dir: Path, saved: SimConfig, config: SimConfig, finished: i
     if config.rounds < finished:
         raise ConfigError(
             f"--resume {run_dir}: it has finished {finished} rounds; rounds={config.rounds} would drop some of them"
+        )
+
+
+def plugin_sources(config: SimConfig) -> dict[str, str]:
+    """A digest of the source file of each user plug-in (`module:Attribute`) the run names: setting → digest.
+    Built-ins are part of dccl-sim itself and are not listed."""
+    from dccl_sim import plugins
+
+    named = {"strategy": (plugins.STRATEGY, config.strategy), "model.name": (plugins.MODEL, config.model.name)}
+    named["data.source"] = (plugins.SOURCE, config.data.source)
+    out = {}
+    for key, (kind, spec) in named.items():
+        if plugins.is_reference(spec):
+            source = inspect.getsourcefile(plugins.resolve(kind, spec))
+            out[key] = f"{spec} {hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]}" if source else spec
+    return out
+
+
+def check_plugins(run_dir: Path, config: SimConfig) -> None:
+    """Refuse to resume a run whose plug-ins' source changed since it was made (plugins.json)."""
+    saved_file = run_dir / "plugins.json"
+    if not saved_file.is_file():
+        return
+    saved, now = json.loads(saved_file.read_text()), plugin_sources(config)
+    changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+    if changed:
+        raise ConfigError(
+            f"--resume {run_dir}: the plug-in source of {', '.join(changed)} changed since the run was made; its "
+            "finished rounds came from the old code. Continue under the new code with --branch NEW_DIR"
         )
 
 

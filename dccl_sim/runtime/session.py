@@ -14,7 +14,7 @@ from dccl_sim.runtime.driver import Dataset, RunState, run_rounds
 from dccl_sim.runtime.local import LocalRuntime
 from dccl_sim.runtime.observers import Observer, ProgressDisplay, RunDirectory, resumable_checkpoint
 from dccl_sim.runtime.records import device_record_columns, read_devices_records, read_rounds
-from dccl_sim.runtime.run_dir import branch, check_resume, claim, fresh_out_dir, point_latest
+from dccl_sim.runtime.run_dir import branch, check_plugins, check_resume, claim, fresh_out_dir, point_latest
 
 
 def make_runtime(config: SimConfig) -> Runtime:
@@ -43,6 +43,7 @@ def resume_state(run_dir: Path, overrides: list[str], branch_to: Path | None = N
     finished = 0 if checkpoint is None else checkpoint[0] + 1
     if branch_to is None:
         check_resume(run_dir, build_config(saved), config, finished)
+        check_plugins(run_dir, config)
     elif config.rounds < finished:
         raise ConfigError(f"--branch: {run_dir} has finished {finished} rounds; rounds={config.rounds} is fewer")
     if checkpoint is None:
