@@ -8,7 +8,7 @@ from dccl_sim.algorithms.cloud_steps import finetune
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, received_devices
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import CloudHost
-from dccl_sim.hosts.device import DeviceHost, Stopwatch
+from dccl_sim.hosts.device import BROADCAST_RANKS, DeviceHost, Stopwatch
 from dccl_sim.strategies.base import Strategy
 
 
@@ -25,7 +25,6 @@ class CloudOnly(Strategy):
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
         scores = device.cloud_scores(evaluation)
         untrained = np.zeros(len(device_ids), dtype=np.int64)
-        full = device.full_ranks(evaluation)
         return device.result(
             device_ids,
             local,
@@ -34,7 +33,7 @@ class CloudOnly(Strategy):
             scores,
             samples_trained=untrained,
             elapsed_s=clock.elapsed(),
-            full_ranks=None if full is None else (full[0], full[0]),
+            full_ranks=(BROADCAST_RANKS, BROADCAST_RANKS) if device.full_ranking else None,
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

@@ -10,7 +10,7 @@ from dccl_sim.algorithms.copies import train_copy
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, merge_packs
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import CloudHost, ModelCost
-from dccl_sim.hosts.device import DeviceHost, Stopwatch
+from dccl_sim.hosts.device import BROADCAST_RANKS, DeviceHost, Stopwatch
 from dccl_sim.strategies.base import Strategy
 
 
@@ -38,7 +38,7 @@ class FedAvg(Strategy):
         total = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in base.items()}
         trained = np.zeros(len(device_ids), dtype=np.int64)
         weight = 0.0
-        broadcast_full, personal_full = device.full_ranks(evaluation), []
+        personal_full = []
 
         def forward(params: dict[str, torch.Tensor], positions: np.ndarray):
             batch = data.batch(local.indices[positions], history_len)
@@ -71,7 +71,7 @@ class FedAvg(Strategy):
             elapsed_s=clock.elapsed(),
             sums={name: value.numpy() for name, value in total.items()},
             weight=weight,
-            full_ranks=None if broadcast_full is None else (broadcast_full[0], personal_full),
+            full_ranks=(BROADCAST_RANKS, personal_full) if device.full_ranking else None,
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from dccl_sim.algorithms.copies import train_copy
 from dccl_sim.algorithms.protocol import Broadcast, PackResult
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import ModelCost
-from dccl_sim.hosts.device import DeviceHost, Stopwatch
+from dccl_sim.hosts.device import BROADCAST_RANKS, DeviceHost, Stopwatch
 from dccl_sim.strategies.cloud_only import CloudOnly
 
 
@@ -34,7 +34,7 @@ class LocalFinetune(CloudOnly):
         personal = np.empty_like(start)
         base = dict(model.named_parameters())
         trained = np.zeros(len(device_ids), dtype=np.int64)
-        start_full, personal_full = device.full_ranks(evaluation), []
+        personal_full = []
 
         def forward(params: dict[str, torch.Tensor], positions: np.ndarray):
             rows = torch.from_numpy(positions)
@@ -56,7 +56,7 @@ class LocalFinetune(CloudOnly):
             personal,
             samples_trained=trained,
             elapsed_s=clock.elapsed(),
-            full_ranks=None if start_full is None else (start_full[0], personal_full),
+            full_ranks=(BROADCAST_RANKS, personal_full) if device.full_ranking else None,
         )
 
     def flops_per_trained_sample(self, cost: ModelCost) -> float:
