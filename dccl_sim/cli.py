@@ -94,6 +94,7 @@ def _summary_table(built) -> Table:
 def cmd_data(args: argparse.Namespace) -> int:
     from dccl_sim.data.prepare import build, source_settings_of, write_to
     from dccl_sim.data.store import write_dataset
+    from dccl_sim.runtime.observers import SetupProgress
 
     extra = [f"data.source={args.source}"]
     if args.path is not None:  # quoted: a path is a string, whatever YAML would make of it
@@ -101,13 +102,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.devices is not None:
         extra.append(f"data.num_devices={args.devices}")
     config = _config(args, extra)
-    with console.status(f"building {args.source} samples"):
-        built = build(config.data, config.seed, source_settings_of(config))
-    with console.status(f"writing Parquet to {args.out}"):
+    with console.status(f"building {args.source} samples") as status:
+        built = build(config.data, config.seed, source_settings_of(config), SetupProgress(status.update))
+        status.update(f"writing Parquet to {args.out}")
         if "://" in args.out:  # a pyarrow filesystem URI: written in place, meta.json last marks it complete
-            write_dataset(built, args.out)
+            write_dataset(built, args.out, SetupProgress(status.update))
         else:
-            write_to(built, Path(args.out))
+            write_to(built, Path(args.out), on_progress=SetupProgress(status.update))
     console.print(_summary_table(built))
     console.print(f"written to {args.out}; use it with --set data.source={args.out}")
     return 0

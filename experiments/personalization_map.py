@@ -76,9 +76,9 @@ def run_devices(overrides: list[str], work_dir: Path, name: str) -> dict[str, np
     return {column: devices[column].to_numpy() for column in devices.column_names}
 
 
-def measure(deviation: float, seed: int, args: argparse.Namespace, work_dir: Path, n_buckets: int) -> dict:
-    """One (deviation, seed): personalization gain [staleness][bucket + all] and MoMoDistill gain [bucket + all]."""
-    common = [
+def cell_overrides(deviation: float, seed: int, args: argparse.Namespace) -> list[str]:
+    """The settings every run of one (deviation, seed) cell shares; each run adds its strategy."""
+    return [
         *REGIME,
         f"data.num_devices={args.devices}",
         f"data.synthetic.personal_deviation={deviation}",
@@ -88,11 +88,21 @@ def measure(deviation: float, seed: int, args: argparse.Namespace, work_dir: Pat
         f"rounds={args.rounds}",
         *args.overrides,
     ]
+
+
+def personalization_gains(common: list[str], rounds: int, work_dir: Path, n_buckets: int) -> list[np.ndarray]:
+    """Device − broadcast GAUC per bucket (+ all) in each round of `metapatch` with a frozen cloud."""
     frozen = run_devices([*common, "strategy=metapatch", "cloud.finetune_epochs=0"], work_dir, "frozen")
-    personal = [
-        (np.array(bucket_gauc(frozen, r, "device_auc", n_buckets)) - bucket_gauc(frozen, r, "broadcast_auc", n_buckets))
-        for r in range(args.rounds)
+    return [
+        np.array(bucket_gauc(frozen, r, "device_auc", n_buckets)) - bucket_gauc(frozen, r, "broadcast_auc", n_buckets)
+        for r in range(rounds)
     ]
+
+
+def measure(deviation: float, seed: int, args: argparse.Namespace, work_dir: Path, n_buckets: int) -> dict:
+    """One (deviation, seed): personalization gain [staleness][bucket + all] and MoMoDistill gain [bucket + all]."""
+    common = cell_overrides(deviation, seed, args)
+    personal = personalization_gains(common, args.rounds, work_dir, n_buckets)
     last = args.rounds - 1
     clouds = {s: run_devices([*common, f"strategy={s}"], work_dir, s) for s in ("cloud_only", "dccl")}
     distill = np.array(bucket_gauc(clouds["dccl"], last, "cloud_auc", n_buckets)) - bucket_gauc(

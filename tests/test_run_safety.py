@@ -4,6 +4,7 @@ finished rounds mean (or branches into a new directory), and a process killed at
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,9 +175,9 @@ def test_the_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path: Path)
     assert cached() == 1.0
 
 
-def test_pretraining_shows_its_progress_with_an_eta(tmp_path: Path) -> None:
-    """Long set-up steps are not one static line: the phases name pretraining and bootstrapping with minibatch
-    counts that grow to their total and an ETA."""
+def test_set_up_steps_show_their_progress_with_an_eta(tmp_path: Path) -> None:
+    """Long set-up steps are not one static line: generating the data, drawing negatives, writing the shards,
+    pretraining and bootstrapping each report counts that grow to their total, with elapsed time and an ETA."""
     from dccl_sim.runtime.observers import Observer
 
     class Phases(Observer):
@@ -188,15 +189,33 @@ def test_pretraining_shows_its_progress_with_an_eta(tmp_path: Path) -> None:
 
     phases = Phases()
     run(
-        _config(tmp_path / "run", "rounds=1", "cloud.pretrain_epochs=3", "data.cache_dir=" + str(tmp_path / "c")),
+        _config(
+            tmp_path / "run",
+            "rounds=1",
+            "data.source=synthetic",  # generated, so the data step reports too
+            "cloud.pretrain_epochs=3",
+            "data.cache_dir=" + str(tmp_path / "c"),
+        ),
         extra_observers=[phases],
     )
-    steps = [p for p in phases.seen if p.startswith(("pretraining:", "bootstrapping the patch generator:"))]
-    assert any(p.startswith("pretraining:") for p in steps) and any(p.startswith("bootstrapping") for p in steps)
-    assert all("ETA" in p and "minibatches" in p for p in steps)
-    last = [p for p in steps if p.startswith("pretraining:")][-1]
-    done, total = last.split(": ")[1].split(" ")[0].split("/")
-    assert done == total  # the last report is the whole step
+    stages = (
+        "generating data: user",
+        "building samples: negative",
+        "writing the dataset: shard",
+        "pretraining: minibatch",
+        "bootstrapping the patch generator: minibatch",
+    )
+    pattern = re.compile(r"(.+) ([\d,]+) of ([\d,]+) \(\d+ s, ETA (\d+ s|unknown)\)")
+    reports = [m.groups() for m in map(pattern.fullmatch, phases.seen) if m]
+    assert [stage for stage, *_ in reports if stage in stages] == [stage for stage, *_ in reports]  # no others
+    for stage in stages:
+        counts = [
+            (int(done.replace(",", "")), int(total.replace(",", ""))) for s, done, total, _ in reports if s == stage
+        ]
+        assert counts, f"no progress from {stage!r} in {phases.seen}"
+        assert counts == sorted(counts) and counts[-1][0] == counts[-1][1] > 0  # grows to the whole step
+    order = [phases.seen.index(next(p for p in phases.seen if p.startswith(stage))) for stage in stages]
+    assert order == sorted(order)
 
 
 def test_a_changed_plugin_source_refuses_the_resume(tmp_path: Path, monkeypatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -10,8 +11,10 @@ from pydantic import BaseModel, ConfigDict
 from dccl_sim.config import DataConfig
 from dccl_sim.data.device_data import QUERY_POS_BITS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
 from dccl_sim.data.raw import DataError, RawDataset
+from dccl_sim.progress import Progress
 
 FORMAT_VERSION = 1
+_NEGATIVES_CHUNK = 1 << 22  # draws checked between progress reports (~0.5 s)
 
 
 class DatasetMeta(BaseModel):
@@ -62,24 +65,38 @@ def sample_negatives(
     count: np.ndarray,
     touched_keys: np.ndarray,
     num_items: int,
+    on_progress: Progress | None = None,
 ) -> np.ndarray:
     """For each query q draw `count[q]` items in 1..num_items that device `owner[q]` never touched.
 
     `touched_keys` are the sorted unique keys device * (num_items + 1) + item of all interactions.
-    Vectorized rejection sampling; every device must leave at least one item untouched.
+    Vectorized rejection sampling; every device must leave at least one item untouched. The first check of every
+    draw, most of the work, goes chunk by chunk so that `on_progress` hears how far it is (the draws are the same).
     """
     owners = np.repeat(owner.astype(np.int64), count)
     items = rng.integers(1, num_items + 1, size=len(owners))
     stride = num_items + 1
-    pending = np.arange(len(owners))
-    for _ in range(1000):
-        keys = owners[pending] * stride + items[pending]
-        at = np.minimum(np.searchsorted(touched_keys, keys), len(touched_keys) - 1)
-        pending = pending[touched_keys[at] == keys]
+
+    def taken(at: np.ndarray) -> np.ndarray:
+        keys = owners[at] * stride + items[at]
+        found = np.minimum(np.searchsorted(touched_keys, keys), len(touched_keys) - 1)
+        return at[touched_keys[found] == keys]
+
+    bounds = [*range(0, len(owners), _NEGATIVES_CHUNK), len(owners)]
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        parts.append(taken(np.arange(lo, hi)))
+        if on_progress is not None:
+            on_progress("building samples: negative", hi, len(owners))
+    pending = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    for _ in range(999):
         if len(pending) == 0:
-            return items
+            break
         items[pending] = rng.integers(1, num_items + 1, size=len(pending))
-    raise DataError("could not sample negatives: some user has interacted with nearly every item")
+        pending = taken(pending)
+    if len(pending):
+        raise DataError("could not sample negatives: some user has interacted with nearly every item")
+    return items
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -144,8 +161,9 @@ def with_eval_negatives(data: DeviceData, count: int, num_items: int, seed: int)
     )
 
 
-def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDataset:
-    """Build the samples of docs/design.md §2 and §4 from a raw dataset, seeded."""
+def build_dataset(raw: RawDataset, config: DataConfig, seed: int, on_progress: Progress | None = None) -> BuiltDataset:
+    """Build the samples of docs/design.md §2 and §4 from a raw dataset, seeded; `on_progress` hears of the
+    negatives drawn (most of the time it takes)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
 
     item_ids = np.unique(raw.item_ids)
@@ -204,7 +222,7 @@ def build_dataset(raw: RawDataset, config: DataConfig, seed: int) -> BuiltDatase
         raise DataError(f"{raw.name}: a user has interacted with every item; no negatives can be sampled")
     stored_eval_negatives = 0 if config.eval_negatives_on_load else config.eval_negatives
     negatives_per = np.where(split == SPLIT_TRAIN, config.train_negatives, stored_eval_negatives)
-    negative_items = sample_negatives(rng, device, negatives_per, touched, num_items)
+    negative_items = sample_negatives(rng, device, negatives_per, touched, num_items, on_progress)
     source_of_negative = np.repeat(np.arange(len(device)), negatives_per)
 
     # interleave: each positive followed by its negatives, all sorted by (device, position)

@@ -12,6 +12,7 @@ from dccl_sim.data.build import BuiltDataset, build_dataset
 from dccl_sim.data.raw import DataError, RawDataset
 from dccl_sim.data.sources.base import SettingsInput, is_dataset_dir, request_for, resolve_source, source_settings
 from dccl_sim.data.store import new_temp_path, read_meta, write_dataset
+from dccl_sim.progress import Progress
 
 # settings that do not change the samples, so they do not change the cache key
 _NOT_IN_KEY = {"cache_dir", "pretrain_frac", "windows"}
@@ -20,20 +21,27 @@ __all__ = ["build", "cache_key", "is_dataset_dir", "load_raw", "prepare_dataset"
 
 
 def load_raw(
-    config: DataConfig, seed: int, num_devices: int | None = None, settings: SettingsInput = None
+    config: DataConfig,
+    seed: int,
+    num_devices: int | None = None,
+    settings: SettingsInput = None,
+    on_progress: Progress | None = None,
 ) -> RawDataset:
     """The raw interactions of the source `config.source` names, called with its request (`num_devices`, when
     given, overrides `config.num_devices`)."""
-    source, request = request_for(config, seed, num_devices, settings)
+    source, request = request_for(config, seed, num_devices, settings, on_progress)
     raw = source(request)
     if not isinstance(raw, RawDataset):
         raise DataError(f"data source {config.source!r} returned {type(raw).__name__}, not a RawDataset")
     return raw
 
 
-def build(config: DataConfig, seed: int, settings: SettingsInput = None) -> BuiltDataset:
+def build(
+    config: DataConfig, seed: int, settings: SettingsInput = None, on_progress: Progress | None = None
+) -> BuiltDataset:
     """Build the dataset in memory (no files written)."""
-    return build_dataset(load_raw(config, seed, settings=settings), config, seed)
+    raw = load_raw(config, seed, settings=settings, on_progress=on_progress)
+    return build_dataset(raw, config, seed, on_progress)
 
 
 def cache_key(config: DataConfig, seed: int, settings: SettingsInput = None) -> str:
@@ -63,15 +71,18 @@ def cache_key(config: DataConfig, seed: int, settings: SettingsInput = None) -> 
     return f"{name.replace(':', '.')}-{digest}"  # a module:function reference names no folder
 
 
-def prepare_dataset(config: DataConfig, seed: int, settings: SettingsInput = None) -> str:
-    """The dataset directory for this config: `source` itself when it is one, else a cached build."""
+def prepare_dataset(
+    config: DataConfig, seed: int, settings: SettingsInput = None, on_progress: Progress | None = None
+) -> str:
+    """The dataset directory for this config: `source` itself when it is one, else a cached build (`on_progress`
+    hears how its generation, negatives and writing go)."""
     if is_dataset_dir(config.source):
         read_meta(config.source)
         return config.source
     root = Path(config.cache_dir).expanduser() / "datasets" / cache_key(config, seed, settings)
     if (root / "meta.json").is_file():
         return str(root)
-    write_to(build(config, seed, settings), root, cached=True)
+    write_to(build(config, seed, settings, on_progress), root, cached=True, on_progress=on_progress)
     return str(root)
 
 
@@ -81,19 +92,19 @@ def source_settings_of(config: SimConfig) -> SettingsInput:
     return config.section(source) if source is not None else None
 
 
-def prepare_run_dataset(config: SimConfig) -> str:
+def prepare_run_dataset(config: SimConfig, on_progress: Progress | None = None) -> str:
     """`prepare_dataset` for a run's config, with its data source's own settings section."""
-    return prepare_dataset(config.data, config.seed, source_settings_of(config))
+    return prepare_dataset(config.data, config.seed, source_settings_of(config), on_progress)
 
 
-def write_to(built: BuiltDataset, root: Path, cached: bool = False) -> None:
+def write_to(built: BuiltDataset, root: Path, cached: bool = False, on_progress: Progress | None = None) -> None:
     """Write atomically: build next to `root`, then rename, so a crash never leaves half a dataset. `cached`: root
     is a cache entry, so a complete dataset another process has put there meanwhile (the same key: the same data)
     is kept, never removed under that process's feet; otherwise, and when incomplete, it is replaced."""
     root.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(new_temp_path(str(root)))
     try:
-        write_dataset(built, str(temp))
+        write_dataset(built, str(temp), on_progress)
         if cached and (root / "meta.json").is_file():
             return
         if root.exists():

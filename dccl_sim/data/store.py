@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from dccl_sim.data.build import FORMAT_VERSION, BuiltDataset, DatasetMeta, with_eval_negatives
 from dccl_sim.data.device_data import SPLIT_TRAIN, DeviceData
 from dccl_sim.data.raw import DataError
+from dccl_sim.progress import Progress
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -52,8 +53,9 @@ def _shard_path(root: str, kind: str, shard: int) -> str:
     return f"{root}/{kind}/shard={shard:05d}/part-0.parquet"
 
 
-def write_dataset(built: BuiltDataset, root: str) -> None:
-    """Write a built dataset under `root` (created; existing files are replaced)."""
+def write_dataset(built: BuiltDataset, root: str, on_progress: Progress | None = None) -> None:
+    """Write a built dataset under `root` (created; existing files are replaced); `on_progress` hears of every
+    shard written."""
     fs, root = _filesystem(str(root))
     meta, data = built.meta, built.data
     fs.create_dir(root, recursive=True)
@@ -108,6 +110,8 @@ def write_dataset(built: BuiltDataset, root: str) -> None:
             fs.create_dir(f"{root}/{kind}/shard={shard:05d}", recursive=True)
             part = table.slice(bounds[shard], bounds[shard + 1] - bounds[shard])
             pq.write_table(part, _shard_path(root, kind, shard), filesystem=fs)
+        if on_progress is not None:
+            on_progress("writing the dataset: shard", shard + 1, meta.num_shards)
 
     # meta.json last: its presence marks a complete dataset
     with fs.open_output_stream(f"{root}/meta.json") as stream:

@@ -48,6 +48,7 @@ import numpy as np
 
 from dccl_sim.config import SyntheticConfig
 from dccl_sim.data.raw import DataError, RawDataset
+from dccl_sim.progress import Progress
 
 PREFERENCE_STRENGTH = 2.0
 """A choice's logit is ``PREFERENCE_STRENGTH * sqrt(latent_dim) * preference · item`` (both unit vectors): for
@@ -78,8 +79,11 @@ POPULARITY_SLOTS_PER_ITEM = 128
 """Candidates are drawn from a table of at least this many slots per item (popularity quantized to 1/slots)."""
 
 
-def generate_synthetic(config: SyntheticConfig, num_devices: int, seed: int) -> RawDataset:
-    """Generate `num_devices` users' interactions with `config.num_items` items; see the module docstring."""
+def generate_synthetic(
+    config: SyntheticConfig, num_devices: int, seed: int, on_progress: Progress | None = None
+) -> RawDataset:
+    """Generate `num_devices` users' interactions with `config.num_items` items; see the module docstring.
+    `on_progress` hears of every batch of users done."""
     if num_devices < 1:
         raise DataError(f"synthetic: num_devices must be at least 1, got {num_devices}")
     if config.num_items < MIN_INTERACTIONS:
@@ -130,6 +134,8 @@ def generate_synthetic(config: SyntheticConfig, num_devices: int, seed: int) -> 
         direction = _unit(rng.standard_normal((hi - lo, d)))
         timestamp[a:b], tau = _timeline(rng, starts[lo:hi], counts[lo:hi])
         item_id[a:b] = _choose(rng, world, scratch, pref, direction, counts[lo:hi], tau)
+        if on_progress is not None:
+            on_progress("generating data: user", hi, num_devices)
 
     return RawDataset(
         name="synthetic",

@@ -25,11 +25,10 @@ from dccl_sim.hosts.loading import load_devices, model_spec
 from dccl_sim.models.factory import build_models
 from dccl_sim.models.training import fit, predict
 from dccl_sim.plugins import STRATEGY, resolve
+from dccl_sim.progress import Progress
 from dccl_sim.seeding import run_keys
 
 _FLOAT_BYTES = 4
-# hears of a set-up step's progress: (stage, minibatches done, minibatches in all)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class CloudHost:
             lr=cloud.lr,
             history_len=hyper.history_len,
             seed_keys=run_keys(self.config.seed, "pretrain_minibatches"),
-            on_batch=self._reporter("pretraining", on_progress),
+            on_batch=self._reporter("pretraining: minibatch", on_progress),
         )
         bootstrap_patch(
             self.models.cloud,
@@ -151,7 +150,7 @@ class CloudHost:
             cloud.batch_size,
             hyper.history_len,
             self.config.seed,
-            on_batch=self._reporter("bootstrapping the patch generator", on_progress),
+            on_batch=self._reporter("bootstrapping the patch generator: minibatch", on_progress),
         )
         loss = losses[-1] if losses else float("nan")
         if path is not None:
@@ -172,7 +171,7 @@ class CloudHost:
         return report
 
     def progress(self) -> tuple[str, int, int]:
-        """(stage, minibatches done, minibatches in all) of the set-up step running now (pretraining)."""
+        """(stage, minibatches done, minibatches in all) of the set-up step running now (pretraining, bootstrapping)."""
         return self._progress
 
     def _pretrain_key(self) -> str:

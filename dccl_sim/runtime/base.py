@@ -11,7 +11,8 @@ import numpy as np
 from dccl_sim import metrics
 from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
-from dccl_sim.hosts.cloud import DeviceInfo, ModelCost, Progress
+from dccl_sim.hosts.cloud import DeviceInfo, ModelCost
+from dccl_sim.progress import Progress
 
 
 @dataclass

@@ -7,6 +7,7 @@ only moves data and times phases; observers write records and checkpoints and sh
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -23,7 +24,7 @@ from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime import latency
 from dccl_sim.runtime.base import Runtime
 from dccl_sim.runtime.memory import MemoryMonitor
-from dccl_sim.runtime.observers import Observer
+from dccl_sim.runtime.observers import Observer, SetupProgress, notify_phase
 from dccl_sim.runtime.placement import plan_packs
 from dccl_sim.runtime.records import RoundRecord, device_ranking_columns
 from dccl_sim.seeding import seeded_generator, stream_tag
@@ -68,11 +69,6 @@ class _Clock:
         self.times[name] = time.perf_counter() - start
 
 
-def _notify(observers: Sequence[Observer], round_index: int, phase: str) -> None:
-    for observer in observers:
-        observer.on_phase(round_index, phase)
-
-
 @dataclass(frozen=True)
 class Dataset:
     """The prepared dataset a run reads: its directory and how many devices it holds."""
@@ -110,18 +106,18 @@ def _run(
     strategy: Strategy = resolve(STRATEGY, config.strategy)(config)
     num_devices = dataset.num_devices
     packs = plan_packs(num_devices, config.runtime, runtime.num_cpus)
-    _notify(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
+    notify_phase(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
     runtime.start(config, dataset.root, packs)
     cloud = runtime.cloud
     if state.cloud_state is None:
-        _notify(observers, state.next_round, "pretraining the cloud model")
-        progress = _SetupProgress(observers, state.next_round)
+        notify_phase(observers, state.next_round, "pretraining the cloud model")
+        progress = SetupProgress(functools.partial(notify_phase, observers, state.next_round))
         cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"), progress)
     else:
         cloud.load_state(state.cloud_state)
     # the plain broadcast model W_t (θ̂ = 0, no starting patch) is the cloud model as the previous round left it:
     # its evaluation is the next round's baseline, so each model is scored once
-    _notify(observers, state.next_round, "evaluating the broadcast model")
+    notify_phase(observers, state.next_round, "evaluating the broadcast model")
     broadcast_evaluation = cloud.evaluate()
     bucket_of_device = cloud.device_info().bucket
     cost = cloud.model_cost()
@@ -146,23 +142,23 @@ def _run(
         late = planned_times > deadline if deadline is not None else np.zeros(len(sampled), dtype=bool)
         participants = sampled[~late]
 
-        _notify(observers, t, "broadcast")
+        notify_phase(observers, t, "broadcast")
         tic = time.perf_counter()
         handle = runtime.broadcast(t, participants)
         clock.measure("t_broadcast_s", tic)
 
-        _notify(observers, t, f"device step on {len(participants)} devices")
+        notify_phase(observers, t, f"device step on {len(participants)} devices")
         tic = time.perf_counter()
         active_packs = sorted(set(pack_of_device[participants].tolist()))
         phase = runtime.run_devices(handle, active_packs, config.runtime.deadline_s)
         clock.measure("t_devices_s", tic)
 
-        _notify(observers, t, "cloud update")
+        notify_phase(observers, t, "cloud update")
         tic = time.perf_counter()
         cloud_stats = cloud.update(t, participants, phase.results)
         clock.measure("t_distill_s", tic)
 
-        _notify(observers, t, "evaluation")
+        notify_phase(observers, t, "evaluation")
         tic = time.perf_counter()
         evaluation: metrics.Evaluation = cloud.evaluate()
         clock.measure("t_eval_s", tic)
@@ -225,26 +221,6 @@ def _run(
         broadcast_evaluation = evaluation
         for observer in observers:
             observer.on_round(record, state, cloud_state)
-
-
-class _SetupProgress:
-    """Turns a set-up step's minibatch counts into phase lines with an ETA, at most one a second."""
-
-    def __init__(self, observers: Sequence[Observer], round_index: int) -> None:
-        self.observers, self.round_index = observers, round_index
-        self.stage, self.started, self.shown = "", 0.0, 0.0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if stage != self.stage:
-            self.stage, self.started = stage, now
-        if now - self.shown < 1.0 and done < total:
-            return
-        self.shown = now
-        elapsed = now - self.started
-        eta = elapsed * (total - done) / done if done else float("nan")
-        text = f"{stage}: {done:,}/{total:,} minibatches, {elapsed:.0f} s, ETA {eta:.0f} s"
-        _notify(self.observers, self.round_index, text)
 
 
 def _device_frame(

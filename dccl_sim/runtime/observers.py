@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +98,32 @@ def resumable_checkpoint(out_dir: Path, finished: int) -> tuple[int, dict] | Non
     if damaged:
         raise RunDirectoryError(f"{damaged[0]}: damaged, and no older checkpoint to continue from could be read")
     return None
+
+
+def notify_phase(observers: Sequence[Observer], round_index: int, phase: str) -> None:
+    """Tell every observer that `phase` begins (or how a set-up step is going)."""
+    for observer in observers:
+        observer.on_phase(round_index, phase)
+
+
+class SetupProgress:
+    """Turns a set-up step's counts (`dccl_sim.progress.Progress` calls) into lines with elapsed time and an ETA for
+    `show`, at most one a second and always the last; the ETA assumes the rest goes at the pace so far."""
+
+    def __init__(self, show: Callable[[str], None]) -> None:
+        self.show = show
+        self.stage, self.started, self.shown = "", 0.0, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if stage != self.stage:
+            self.stage, self.started, self.shown = stage, now, 0.0
+        if now - self.shown < 1.0 and done < total:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        eta = f"ETA {elapsed * (total - done) / done:.0f} s" if done else "ETA unknown"
+        self.show(f"{stage} {done:,} of {total:,} ({elapsed:.0f} s, {eta})")
 
 
 class ProgressDisplay(Observer):

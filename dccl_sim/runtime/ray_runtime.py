@@ -20,8 +20,9 @@ from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
 from dccl_sim import metrics, plugins
 from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
-from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost, Progress
+from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost
 from dccl_sim.hosts.device import DeviceHost
+from dccl_sim.progress import Progress
 from dccl_sim.runtime.base import DevicePhase, Runtime
 
 # two threads: a progress() call is answered while pretrain() runs (the driver makes no other concurrent calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
@@ -12,7 +13,14 @@ from dccl_sim.results import read_config
 from dccl_sim.runtime.base import Runtime
 from dccl_sim.runtime.driver import Dataset, RunState, run_rounds
 from dccl_sim.runtime.local import LocalRuntime
-from dccl_sim.runtime.observers import Observer, ProgressDisplay, RunDirectory, resumable_checkpoint
+from dccl_sim.runtime.observers import (
+    Observer,
+    ProgressDisplay,
+    RunDirectory,
+    SetupProgress,
+    notify_phase,
+    resumable_checkpoint,
+)
 from dccl_sim.runtime.records import device_record_columns, read_devices_records, read_rounds
 from dccl_sim.runtime.run_dir import branch, check_plugins, check_resume, claim, fresh_out_dir, point_latest
 
@@ -86,9 +94,9 @@ def run(
     observers += [display] if display is not None else []
     observers += extra_observers or []
     try:
-        for observer in observers:
-            observer.on_phase(state.next_round if state else 0, "preparing data")
-        root = prepare_run_dataset(config)
+        first_round = state.next_round if state else 0
+        notify_phase(observers, first_round, "preparing data")
+        root = prepare_run_dataset(config, SetupProgress(functools.partial(notify_phase, observers, first_round)))
         dataset = Dataset(root, read_meta(root).num_devices)
         state = run_rounds(config, runtime, dataset, observers, state)
         state.out_dir = out_dir

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from dccl_sim import plugins
 from dccl_sim.config import ConfigError
 from dccl_sim.data.raw import RawDataset
+from dccl_sim.progress import Progress
 
 if TYPE_CHECKING:
     from dccl_sim.config import DataConfig, Section
@@ -33,6 +34,8 @@ class SourceRequest:
     path: Path | None  # the file or folder to read (`data.path`, expanded), for sources that read files
     cache_dir: Path  # `data.cache_dir`, expanded: where a source may keep what it downloads
     settings: BaseModel | None = None  # the source's own validated `Settings`, or None when it declares none
+    # a long source may say how far it has got: on_progress("reading my logs: file", done, total); None: nobody asks
+    on_progress: Progress | None = None
 
     def require_path(self) -> Path:
         """`path`, for a source that cannot work without one."""
@@ -151,7 +154,11 @@ def source_settings(source: DataSource, settings: SettingsInput) -> BaseModel | 
 
 
 def request_for(
-    config: DataConfig, seed: int, num_devices: int | None = None, settings: SettingsInput = None
+    config: DataConfig,
+    seed: int,
+    num_devices: int | None = None,
+    settings: SettingsInput = None,
+    on_progress: Progress | None = None,
 ) -> tuple[DataSource, SourceRequest]:
     """The source `config` names and the request to call it with; `num_devices` overrides `config.num_devices`."""
     source, legacy_path = resolve_source(config.source)
@@ -165,5 +172,6 @@ def request_for(
         path=path,
         cache_dir=Path(config.cache_dir).expanduser(),
         settings=source_settings(source, settings),
+        on_progress=on_progress,
     )
     return source, request

@@ -13,4 +13,6 @@ DEFAULT_DEVICES = 1000
 @data_source("synthetic")
 def synthetic(request: SourceRequest) -> RawDataset:
     """`num_devices` users drawn from the run's seed."""
-    return generate_synthetic(request.config.synthetic, request.num_devices or DEFAULT_DEVICES, request.seed)
+    return generate_synthetic(
+        request.config.synthetic, request.num_devices or DEFAULT_DEVICES, request.seed, request.on_progress
+    )
