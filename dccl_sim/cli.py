@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         else:
             write_to(built, Path(args.out), on_progress=SetupProgress(status.update))
     console.print(_summary_table(built))
-    console.print(f"written to {args.out}; use it with --set data.source={args.out}")
+    console.print(f"written to {args.out}; use it with --set {shlex.quote('data.source=' + args.out)}")
     return 0
 
 

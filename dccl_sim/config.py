@@ -193,6 +193,10 @@ class CloudConfig(Section):
     teacher_weighting: Literal["uniform", "patched", "confidence"] = "confidence"
     patch_epochs: Annotated[int, Field(ge=0)] = 1
     patch_target: Literal["teacher", "residual"] = "teacher"
+    # processes the cloud trains in, data-parallel (docs/scale-out.md): Ray actors joined in a torch.distributed
+    # group, each reserving a CPU; `auto`: one per Ray node. The same minibatches, so the cloud model equals one
+    # worker's up to float sums in another order (below 1e-5). More than one needs runtime.backend = ray
+    workers: PositiveInt | Literal["auto"] = 1
 
 
 class RuntimeConfig(Section):
@@ -346,6 +350,15 @@ class SimConfig(Section):
         """The validated settings of a selected plug-in (None if it has none)."""
         key = plugins.settings_key(plugin)
         return None if key is None else (self.__pydantic_extra__ or {})[key]
+
+    @model_validator(mode="after")
+    def _workers_need_ray(self) -> SimConfig:
+        if self.cloud.workers != 1 and self.runtime.backend != "ray":
+            raise ValueError(
+                f"cloud.workers = {self.cloud.workers!r} needs runtime.backend = ray (the local backend runs the "
+                "cloud in this process); set cloud.workers = 1 or use ray"
+            )
+        return self
 
     @model_validator(mode="after")
     def _a_window_per_round(self) -> SimConfig:

@@ -67,9 +67,22 @@ def synthetic_small() -> BuiltDataset:
     return build_dataset(raw, config, seed=0)
 
 
+def assert_aucs_within_one_pair(got, want, n_test, eval_negatives: int, name: str, slack: float = 1e-9) -> None:
+    """Per-device AUCs equal up to one swapped positive/negative pair each. A per-device AUC counts ordered pairs:
+    float32 sums in another order (thread count, placement, CPU) may swap two scores tied to ~1e-7, so a device's
+    AUC may differ by 1 / (positives × negatives), and by nothing more; NaN (no positive or no negative) must match."""
+    got, want = np.asarray(got, dtype=float), np.asarray(want, dtype=float)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), name
+    positives = np.asarray(n_test) / (1 + eval_negatives)
+    one_pair = 1.0 / np.maximum(positives * positives * eval_negatives, 1.0)
+    differ = np.abs(got - want)[~np.isnan(want)]
+    assert (differ <= one_pair[~np.isnan(want)] + slack).all(), (name, differ.max())
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One embedded Ray instance for the whole test session, with explicit CPUs; always shut down."""
+    """One embedded Ray instance for the whole test session, with explicit CPUs; always shut down. Started here, it is
+    a cluster of one 2-CPU node to `RayRuntime`: the cloud's worker reserves one of them."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

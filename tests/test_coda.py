@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import round_context
+from conftest import assert_aucs_within_one_pair, round_context
 
 from dccl_sim.algorithms.cloud_steps import features_of
 from dccl_sim.algorithms.coda import (
@@ -380,5 +381,6 @@ def test_coda_placement_does_not_change_results(tmp_path: Path, ray_session) -> 
     single, packed = _devices(tmp_path / "single"), _devices(tmp_path / "packed")
     for name in ("device_id", "n_candidates", "n_kept", "gate_passed"):
         assert single[name] == packed[name], name
-    for name in ("start_auc", "device_auc", "cloud_auc"):
-        np.testing.assert_allclose(single[name], packed[name], atol=1e-5, err_msg=name)
+    negatives = json.loads((tmp_path / "single" / "config.json").read_text())["data"]["eval_negatives"]
+    for name in ("start_auc", "device_auc", "cloud_auc"):  # the cloud trains on 1 thread in-process, on 2 on Ray
+        assert_aucs_within_one_pair(packed[name], single[name], single["n_test"], negatives, name)

@@ -1,8 +1,8 @@
 """A simulation spread over a Ray cluster of several nodes on this machine equals a single-node run.
 
-The cluster is three `ray start --block` processes, as on a real cluster: a head with no CPUs (the driver and the
-CloudActor, which asks for none) and two workers with one CPU each, so the two device packs (one CPU each) can
-only run on different workers; the driver also asks each actor for its node id. Token authentication is on for
+The cluster is four `ray start --block` processes, as on a real cluster: a head with no CPUs (the driver) and three
+workers with one CPU each. The cloud's worker takes one CPU, so the two device packs (one CPU each) can only run on
+the two other workers; the driver also asks each actor for its node id. Token authentication is on for
 every node and the driver (`RAY_AUTH_MODE=token`, a fresh token in a file named by `RAY_AUTH_TOKEN_PATH`), which
 is what Ray 2.60 needs: a head started without `RAY_AUTH_MODE` turns token auth on by itself when
 `~/.ray/auth_token` exists, and then workers and drivers without `RAY_AUTH_MODE=token` are refused.
@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 from test_runtime import SMALL, assert_same_results, small_config
@@ -40,7 +41,7 @@ from dccl_sim.runtime.session import run
 
 BIN = Path(sys.executable).parent
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NUM_WORKERS = 2
+NUM_WORKERS = 3
 START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300
 
@@ -153,8 +154,27 @@ def test_a_run_spread_over_nodes_equals_a_single_node_run(
     placement = json.loads(report.read_text())
     workers = {node for node, cpus in placement["nodes"].items() if cpus == 1}
     assert len(placement["nodes"]) == 1 + NUM_WORKERS and len(workers) == NUM_WORKERS
-    assert sorted(placement["packs"]) == sorted(workers), "each device pack on its own worker node"
-    assert placement["cloud"] in placement["nodes"]
+    (cloud,) = placement["cloud"]
+    packs = placement["packs"]
+    assert len(set(packs)) == len(packs) == 2 and set(packs) <= workers, "each device pack on its own worker node"
+    assert cloud in workers and cloud not in packs, "the cloud on a CPU of its own"
+    assert_same_results(single_node_run, out)
+
+
+def test_cloud_workers_on_separate_nodes_learn_what_one_worker_does(
+    cluster: LocalCluster, single_node_run: Path, tmp_path: Path
+) -> None:
+    """`cloud.workers = 3` on the cluster: a worker on each node (the placement group spreads them), joined over
+    TCP by gloo; the run equals the single-process one (1e-5) and records that three workers trained it."""
+    out, report = tmp_path / "workers", tmp_path / "placement.json"
+    command = [sys.executable, __file__, cluster.address, str(out), str(report), "cloud.workers=3"]
+    result = subprocess.run(
+        command, env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+    _check(result, cluster)
+    placement = json.loads(report.read_text())
+    assert len(set(placement["cloud"])) == 3, "one cloud worker per node"
+    assert pq.read_table(out / "rounds.parquet")["cloud_workers"].to_pylist() == [3, 3]
     assert_same_results(single_node_run, out)
 
 
@@ -210,21 +230,23 @@ class PlacementRecorder(RayRuntime):
 
     def start(self, config, dataset_root, packs) -> None:
         super().start(config, dataset_root, packs)
-        where = ray.get([actor.__ray_call__.remote(_node_id) for actor in [self._cloud, *self._packs]])
+        where = ray.get([actor.__ray_call__.remote(_node_id) for actor in [*self._cloud, *self._packs]])
         nodes = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
-        self.report.write_text(json.dumps({"cloud": where[0], "packs": where[1:], "nodes": nodes}))
+        clouds = len(self._cloud)
+        self.report.write_text(json.dumps({"cloud": where[:clouds], "packs": where[clouds:], "nodes": nodes}))
 
 
-def drive(address: str, out: Path, report: Path) -> None:
-    """The driver: join the cluster at `address`, run the small simulation, write where each actor ran."""
+def drive(address: str, out: Path, report: Path, *overrides: str) -> None:
+    """The driver: join the cluster at `address`, run the small simulation (with `overrides`), write where each
+    actor ran."""
     runtime = PlacementRecorder(address, report)
     deadline = time.monotonic() + START_TIMEOUT_S
     while runtime.num_cpus < NUM_WORKERS:  # joins through RayRuntime; waits until every worker has registered
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {runtime.num_cpus} CPUs in the cluster at {address}")
         time.sleep(0.5)
-    run(small_config(out, "runtime.num_actors=2"), runtime=runtime)
+    run(small_config(out, "runtime.num_actors=2", *overrides), runtime=runtime)
 
 
 if __name__ == "__main__":
-    drive(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    drive(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:])

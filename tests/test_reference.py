@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_aucs_within_one_pair
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from record import REFERENCE, STRATEGIES, reference_run
@@ -30,15 +31,11 @@ def test_strategy_reproduces_its_reference_run(strategy: str, tmp_path: Path) ->
     dropped = set() if strategy == "coda" else CODA_ONLY
     assert set(actual["rounds"]) >= set(expected["rounds"]) - dropped, "round columns went missing"
     assert not set(actual["rounds"]) & dropped
-    # a per-device AUC counts ordered pairs: float32 sums in another order (thread count, CPU) may swap two scores
-    # tied to ~1e-7, so a device's AUC may differ by one positive/negative pair, 1 / (positives × negatives)
     negatives = int(next(s for s in RECORDED["settings"] if s.startswith("data.eval_negatives=")).split("=")[1])
-    positives = np.array(expected["devices"]["n_test"]) / (1 + negatives)
-    one_pair = 1.0 / np.maximum(positives * positives * negatives, 1.0)
     for name in ("start_auc", "device_auc", "cloud_auc"):
         got, want = _array(actual["devices"][name]), _array(expected["devices"][name])
-        assert np.array_equal(np.isnan(got), np.isnan(want)), name
-        assert (np.abs(got - want)[~np.isnan(want)] <= one_pair[~np.isnan(want)] + 1e-6).all(), f"{strategy} {name}"
+        n_test = expected["devices"]["n_test"]
+        assert_aucs_within_one_pair(got, want, n_test, negatives, f"{strategy} {name}", slack=1e-6)
     for kind in ("rounds", "devices"):
         for name, values in expected[kind].items():
             if name in dropped or name in ("start_auc", "device_auc", "cloud_auc"):

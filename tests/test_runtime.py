@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, assert_aucs_within_one_pair
 
 from dccl_sim import metrics
 from dccl_sim.config import SimConfig, load_config
@@ -68,13 +68,8 @@ def assert_same_results(a: Path, b: Path) -> None:
         assert devices_a[name] == devices_b[name], name
     np.testing.assert_allclose(devices_a["sim_time_s"], devices_b["sim_time_s"], atol=1e-5)
     eval_negatives = json.loads((a / "config.json").read_text())["data"]["eval_negatives"]
-    positives = np.array(devices_a["n_test"]) / (1 + eval_negatives)
-    one_pair = 1.0 / np.maximum(positives * positives * eval_negatives, 1.0)
     for name in ("start_auc", "device_auc", "cloud_auc"):
-        values_a, values_b = np.array(devices_a[name], dtype=float), np.array(devices_b[name], dtype=float)
-        assert np.array_equal(np.isnan(values_a), np.isnan(values_b)), name
-        differ = np.abs(values_a - values_b)[~np.isnan(values_a)]
-        assert (differ <= one_pair[~np.isnan(values_a)] + 1e-9).all(), (name, differ.max())
+        assert_aucs_within_one_pair(devices_b[name], devices_a[name], devices_a["n_test"], eval_negatives, name)
 
 
 def test_participants_are_seeded_and_sorted() -> None:
@@ -259,7 +254,7 @@ def test_every_actor_starts_openmp_with_the_threads_its_torch_uses(
     runtime = RayRuntime()
     runtime.start(config, str(prepare_dataset(config.data, config.seed)), plan_packs(8, config.runtime, cpus=2))
     try:
-        actors = [runtime._cloud, *runtime._packs]
+        actors = [*runtime._cloud, *runtime._packs]
         found = ray_session.get([actor.__ray_call__.remote(openmp_and_torch_threads) for actor in actors])
     finally:
         runtime.shutdown()

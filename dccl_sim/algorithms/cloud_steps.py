@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from dccl_sim.algorithms.data_parallel import MinibatchLoss, minibatch_loop
 from dccl_sim.algorithms.metapatch_step import patched_logits
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, PatchConfig
@@ -166,42 +167,48 @@ def bootstrap_patch(
     generator = torch.Generator().manual_seed(seed)
     table = nn.Parameter(config.bootstrap_init_std * torch.randn(data.num_devices, config.k, generator=generator))
     lazy = config.bootstrap_table == "lazy"
-    optimizer = torch.optim.Adam([*patch.parameters(), *([] if lazy else [table])], lr=config.bootstrap_lr)
+    parameters = [*patch.parameters(), *([] if lazy else [table])]
+    optimizer = torch.optim.Adam(parameters, lr=config.bootstrap_lr)
     table_optimizer = PackedAdam([table], lr=config.bootstrap_lr) if lazy else None
-    rng = seeded_generator(*run_keys(seed, "bootstrap_minibatches"))
+    touched: list[torch.Tensor] = []  # the lazy table's rows the minibatch touches, for `step_rows`
+
+    def part_loss(positions: np.ndarray, part: slice) -> MinibatchLoss:
+        chunk = torch.from_numpy(positions)
+        mine = chunk[part]
+        leaves: tuple[torch.Tensor, ...] = ()
+        if table_optimizer is not None:
+            # only the minibatch's rows enter the graph, so no gradient the size of the table is formed
+            active, inverse = torch.unique(rows[chunk], return_inverse=True)
+            active_rows = table.detach()[active].requires_grad_(True)
+            theta = active_rows[inverse[part]]
+            touched[:] = [active]
+            leaves = (active_rows,)
+        else:
+            theta = table[rows[mine]]
+        logits = model.head_from_first(z0_of(mine), patch.patch(theta))
+        loss = functional.binary_cross_entropy_with_logits(logits, label[mine])
+        penalty = config.bootstrap_l2 * theta.pow(2).sum(dim=1).mean()
+        return MinibatchLoss(loss + penalty, loss, leaves)
+
+    def step_table(step: MinibatchLoss) -> None:
+        if table_optimizer is not None:
+            table_optimizer.step_rows(touched[0], [step.leaves[0].grad])
+
     frozen = _frozen(model)
-    losses = []
-    total_batches, done = config.bootstrap_epochs * -(-len(indices) // batch_size), 0
     try:
-        for _ in range(config.bootstrap_epochs):
-            order = torch.from_numpy(rng.permutation(len(indices)))
-            total = 0.0
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                z0 = z0_of(chunk)
-                if table_optimizer is not None:
-                    # only the minibatch's rows enter the graph, so no gradient the size of the table is formed
-                    active, inverse = torch.unique(rows[chunk], return_inverse=True)
-                    active_rows = table.detach()[active].requires_grad_(True)
-                    theta = active_rows[inverse]
-                else:
-                    theta = table[rows[chunk]]
-                logits = model.head_from_first(z0, patch.patch(theta))
-                loss = functional.binary_cross_entropy_with_logits(logits, label[chunk])
-                penalty = config.bootstrap_l2 * theta.pow(2).sum(dim=1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                (loss + penalty).backward()
-                optimizer.step()
-                if table_optimizer is not None:
-                    table_optimizer.step_rows(active, [active_rows.grad])
-                total += float(loss.detach()) * len(chunk)
-                done += 1
-                if on_batch is not None:
-                    on_batch(done, total_batches)
-            losses.append(total / max(len(order), 1))
+        return minibatch_loop(
+            len(indices),
+            part_loss,
+            parameters,
+            optimizer,
+            epochs=config.bootstrap_epochs,
+            batch_size=batch_size,
+            rng=seeded_generator(*run_keys(seed, "bootstrap_minibatches")),
+            after_step=step_table,
+            on_batch=on_batch,
+        )
     finally:
         _restore(frozen)
-    return losses
 
 
 def finetune(
@@ -301,24 +308,26 @@ def patch_space_update(
     """Eq. 7: with W_{t+1} fixed, fit G and ψ so that σ(f(x; W_{t+1}, G, E_ψ(profile_m, θ̂_m))) matches the teachers."""
     z0_of = FirstHiddenSource(model, data, indices, history_len)
     profile = torch.from_numpy(data.profile[data.rows_of(data.sample_device[indices])])
-    optimizer = torch.optim.Adam([*patch.parameters(), *encoder.parameters()], lr=patch_config.lr)
-    rng = seeded_generator(*seed_keys)
+    parameters = [*patch.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=patch_config.lr)
+
+    def part_loss(positions: np.ndarray, part: slice) -> MinibatchLoss:
+        mine = torch.from_numpy(positions)[part]
+        theta = encoder(profile[mine], theta_hat_of_sample[mine])
+        logits = model.head_from_first(z0_of(mine), patch.patch(theta))
+        loss = binary_kl_with_temperature(teachers[mine], logits, config.temperature).mean()
+        return MinibatchLoss(loss, loss)
+
     frozen = _frozen(model)
-    losses = []
     try:
-        for _ in range(config.patch_epochs):
-            order = torch.from_numpy(rng.permutation(len(indices)))
-            total = 0.0
-            for start in range(0, len(order), config.batch_size):
-                chunk = order[start : start + config.batch_size]
-                theta = encoder(profile[chunk], theta_hat_of_sample[chunk])
-                logits = model.head_from_first(z0_of(chunk), patch.patch(theta))
-                loss = binary_kl_with_temperature(teachers[chunk], logits, config.temperature).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(chunk)
-            losses.append(total / max(len(order), 1))
+        return minibatch_loop(
+            len(indices),
+            part_loss,
+            parameters,
+            optimizer,
+            epochs=config.patch_epochs,
+            batch_size=config.batch_size,
+            rng=seeded_generator(*seed_keys),
+        )
     finally:
         _restore(frozen)
-    return losses

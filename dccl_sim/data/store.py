@@ -56,7 +56,14 @@ def _shard_path(root: str, kind: str, shard: int) -> str:
 def write_dataset(built: BuiltDataset, root: str, on_progress: Progress | None = None) -> None:
     """Write a built dataset under `root` (created; existing files are replaced); `on_progress` hears of every
     shard written."""
-    fs, root = _filesystem(str(root))
+    fs, path = _filesystem(str(root))
+    try:
+        _write_dataset(built, fs, path, on_progress)
+    except OSError as error:  # e.g. a bucket that does not exist, no write permission, an endpoint nobody answers
+        raise DataError(f"cannot write the dataset to {root}: {error}") from None
+
+
+def _write_dataset(built: BuiltDataset, fs: pafs.FileSystem, root: str, on_progress: Progress | None) -> None:
     meta, data = built.meta, built.data
     fs.create_dir(root, recursive=True)
 
@@ -127,6 +134,8 @@ def read_meta(root: str) -> DatasetMeta:
         raise DataError(f"{root} is not a dataset directory (no meta.json); create one with `dccl-sim data`") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{root}/meta.json is corrupt: {error}") from None
+    except OSError as error:  # e.g. an object store's endpoint nobody answers, access denied
+        raise DataError(f"cannot read {root}/meta.json: {error}") from None
     if values.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{root}: dataset format {values.get('format_version')} but this dccl-sim reads {FORMAT_VERSION}"

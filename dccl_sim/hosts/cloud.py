@@ -3,6 +3,7 @@ cloud step and broadcast payload run on it."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import inspect
 import json
@@ -16,6 +17,7 @@ import torch
 
 from dccl_sim import metrics
 from dccl_sim.algorithms.cloud_steps import bootstrap_patch
+from dccl_sim.algorithms.data_parallel import minibatch_loop, world
 from dccl_sim.algorithms.full_ranking import FullRanker
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, state_to_numpy
 from dccl_sim.config import SimConfig
@@ -29,6 +31,8 @@ from dccl_sim.progress import Progress
 from dccl_sim.seeding import run_keys
 
 _FLOAT_BYTES = 4
+# how long a cloud worker waits for the others (joining, each all-reduce): a dead worker stops the round this soon
+_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,13 @@ class CloudHost:
         self.strategy.start_cloud(self)
         self._progress: tuple[str, int, int] = ("", 0, 0)
 
+    def join_workers(self, init_method: str, rank: int, workers: int) -> None:
+        """Become worker `rank` of the cloud's `workers` data-parallel processes (docs/scale-out.md): every training
+        loop then sums its gradients with the others' (`algorithms.data_parallel`). gloo: CPU tensors, any node."""
+        torch.distributed.init_process_group(
+            "gloo", init_method=init_method, rank=rank, world_size=workers, timeout=_GROUP_TIMEOUT
+        )
+
     # ---------------------------------------------------------------- what cloud steps use
 
     def round_indices(self, participants: np.ndarray, round_index: int) -> np.ndarray:
@@ -153,7 +164,7 @@ class CloudHost:
             on_batch=self._reporter("bootstrapping the patch generator: minibatch", on_progress),
         )
         loss = losses[-1] if losses else float("nan")
-        if path is not None:
+        if path is not None and world()[0] == 0:  # the workers' models are the same: one writes them
             path.parent.mkdir(parents=True, exist_ok=True)
             # a name of its own: runs pretraining the same cloud at once must not write into one file
             temp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -192,8 +203,11 @@ class CloudHost:
             "cloud": c.cloud.model_dump(mode="json", include={"pretrain_epochs", "batch_size", "lr"}),
             "data": c.data.model_dump(mode="json", exclude={"cache_dir", "eval_negatives", "eval_negatives_on_load"}),
             "samples": samples.hexdigest(),
-            "code": _source_digest(type(self.models.cloud), type(self.models.patch), fit, bootstrap_patch),
+            "code": _source_digest(
+                type(self.models.cloud), type(self.models.patch), fit, bootstrap_patch, minibatch_loop
+            ),
             "torch_threads": torch.get_num_threads(),
+            "workers": world()[1],  # gradients summed across workers: float sums in another order
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -234,8 +248,9 @@ class CloudHost:
         )
 
     def update(self, round_index: int, participants: np.ndarray, results: list[PackResult]) -> dict[str, float]:
-        """The strategy's cloud step on what came back from the devices."""
-        return self.strategy.cloud_step(self, RoundContext(self.config, round_index, participants), results)
+        """The strategy's cloud step on what came back from the devices; `workers`: how many processes it ran in."""
+        stats = self.strategy.cloud_step(self, RoundContext(self.config, round_index, participants), results)
+        return {**stats, "workers": float(world()[1])}
 
     def evaluate(self) -> metrics.Evaluation:
         """The current cloud model on every device's evaluation split (and by full ranking where configured)."""

@@ -12,6 +12,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from dccl_sim.algorithms.data_parallel import MinibatchLoss, minibatch_loop
 from dccl_sim.data.device_data import Batch, DeviceData
 from dccl_sim.seeding import seeded_generator
 
@@ -41,35 +42,33 @@ def fit(
 
     Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible. The order is drawn
     as positions into `indices`, so that `extra_loss` finds per-sample values by position instead of searching for
-    each sample in every step. `on_batch(done, total)` is called after every minibatch (progress display).
+    each sample in every step. Data-parallel over the cloud's workers (`minibatch_loop`). `on_batch(done, total)`
+    is called after every minibatch (progress display).
     """
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)
-    rng = seeded_generator(*seed_keys)
-    losses = []
+
+    def part_loss(positions: np.ndarray, part: slice) -> MinibatchLoss:
+        mine = positions[part]
+        batch = data.batch(indices[mine], history_len)
+        logits = model(batch)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
+        if extra_loss is not None:
+            loss = loss + extra_loss(logits, batch, mine)
+        return MinibatchLoss(loss, loss)
+
     model.train()
-    total_batches, done = epochs * -(-len(indices) // batch_size), 0
-    for _ in range(epochs):
-        # the same order as rng.permutation(indices): numpy shuffles arange(n) with the same draws
-        order = rng.permutation(len(indices))
-        total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            positions = order[start : start + batch_size]
-            chunk = indices[positions]
-            batch = data.batch(chunk, history_len)
-            logits = model(batch)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
-            if extra_loss is not None:
-                loss = loss + extra_loss(logits, batch, positions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(chunk)
-            count += len(chunk)
-            done += 1
-            if on_batch is not None:
-                on_batch(done, total_batches)
-        losses.append(total / max(count, 1))
+    # the order is drawn as rng.permutation(indices) would: numpy shuffles arange(n) with the same draws
+    losses = minibatch_loop(
+        len(indices),
+        part_loss,
+        params,
+        optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        rng=seeded_generator(*seed_keys),
+        on_batch=on_batch,
+    )
     model.eval()
     return losses
 

@@ -61,7 +61,11 @@ class Runtime(ABC):
     @property
     @abstractmethod
     def num_cpus(self) -> int:
-        """CPUs available to device packs."""
+        """CPUs of the machine or cluster."""
+
+    def device_cpus(self, config: SimConfig) -> int:
+        """CPUs the device packs are planned on: what the cloud of `config` leaves of `num_cpus`."""
+        return self.num_cpus
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release what `start` created."""

@@ -105,7 +105,7 @@ def _run(
 ) -> None:
     strategy: Strategy = resolve(STRATEGY, config.strategy)(config)
     num_devices = dataset.num_devices
-    packs = plan_packs(num_devices, config.runtime, runtime.num_cpus)
+    packs = plan_packs(num_devices, config.runtime, runtime.device_cpus(config))
     notify_phase(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
     runtime.start(config, dataset.root, packs)
     cloud = runtime.cloud

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dccl_sim.config import RuntimeConfig
@@ -27,6 +29,19 @@ def plan_packs(num_devices: int, config: RuntimeConfig, cpus: int) -> list[np.nd
         np.asarray(p, dtype=np.int64)
         for p in np.array_split(np.arange(num_devices), num_packs(num_devices, config, cpus))
     ]
+
+
+def pack_cpus(free: list[float], packs: int) -> float:
+    """The CPUs each of `packs` equal packs reserves: the most, up to an even share of all `free` CPUs, with which
+    the nodes (their free CPUs in `free`) still hold every pack, so that no pack waits for a node that never frees
+    up (an even share of 3 CPUs over nodes with 1 and 2 free is 1.5, which fits one pack only)."""
+    share = sum(free) / packs
+    fits = [
+        r
+        for r in {f / k for f in free for k in range(1, packs + 1) if f > 0} | {share}
+        if r <= share and sum(math.floor(f / r + 1e-9) for f in free) >= packs
+    ]
+    return max(fits) if fits else share
 
 
 def chunk_bounds(samples_per_device: np.ndarray, config: RuntimeConfig) -> list[tuple[int, int]]:

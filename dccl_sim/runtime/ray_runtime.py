@@ -1,9 +1,13 @@
-"""The Ray runtime: a CloudActor and DeviceActors wrapping the plain hosts (docs/design.md §5).
+"""The Ray runtime: CloudActors and DeviceActors wrapping the plain hosts (docs/design.md §5).
 
 The cloud's broadcast is the return value of one actor call, so it lands in the object store once and every
 pack reads it by reference (NumPy arrays zero-copy on a node). Results come back in completion order through
 `ray.wait`, under an optional wall-clock deadline. A pack whose actor dies is reported as failed for the round;
 Ray restarts the actor, which reloads its devices from Parquet (their meta-patches come from the cloud).
+
+The cloud is `cloud.workers` actors in a placement group (spread over nodes, a CPU each), joined in a gloo process
+group: every call that changes the cloud (pretraining, the update, loading a checkpoint) goes to all of them with the
+same arguments and they train data-parallel (docs/scale-out.md); what only reads it goes to worker 0.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dccl_sim import metrics, plugins
 from dccl_sim.algorithms.protocol import PackResult
@@ -24,9 +31,11 @@ from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost
 from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.progress import Progress
 from dccl_sim.runtime.base import DevicePhase, Runtime
+from dccl_sim.runtime.placement import pack_cpus
 
 # two threads: a progress() call is answered while pretrain() runs (the driver makes no other concurrent calls)
-CloudActor = ray.remote(num_cpus=0, max_concurrency=2)(CloudHost)
+CloudActor = ray.remote(max_concurrency=2)(CloudHost)
+CLOUD_START_TIMEOUT_S = 300.0  # the placement group waits this long for the cloud workers' CPUs
 PROGRESS_POLL_S = 0.5
 RESTART_WAIT_S = 600.0  # a restarted actor reloads its devices' data before it answers
 DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceHost)
@@ -54,8 +63,23 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def _largest_node_cpus() -> int:
-    return max([int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]] or [1])
+def _node_cpus() -> dict[str, int]:
+    return {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
+
+
+def cloud_cpus_each(cluster_cpus: float, workers: int) -> float:
+    """Ray CPUs each cloud worker reserves: one, or, when the cluster has fewer than two per worker, an equal share of
+    half of them (the device packs keep the other half)."""
+    return 1.0 if cluster_cpus >= 2 * workers else cluster_cpus / (2 * workers)
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous() -> str:
+    """Where the cloud workers meet: this node's address and a free port (run on worker 0's node)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
 def plugin_specs(config: SimConfig) -> list[str]:
@@ -87,22 +111,30 @@ def actor_env(threads: int, modules: list[str]) -> dict:
 
 
 class _RemoteCloud:
-    """The cloud actor behind the `Cloud` interface: each call waits for its value."""
+    """The cloud's worker actors behind the `Cloud` interface: each call waits for its value. Calls that change the
+    cloud go to every worker (their arguments put in the object store once); the others to worker 0."""
 
-    def __init__(self, actor: Any) -> None:
-        self._actor = actor
+    def __init__(self, workers: list[Any]) -> None:
+        self._workers = workers
+        self._actor = workers[0]
+
+    def _on_all(self, method: str, *args: Any) -> Any:
+        refs = [ray.put(a) if isinstance(a, (dict, list)) else a for a in args]
+        return ray.get([getattr(w, method).remote(*refs) for w in self._workers])[0]
 
     def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]:
-        """Waits for pretraining, asking the actor (a second thread of it) how far it is every half second."""
-        done = self._actor.pretrain.remote(cache_dir)
-        while on_progress is not None and not ray.wait([done], timeout=PROGRESS_POLL_S)[0]:
+        """Waits for pretraining, asking worker 0 (a second thread of it) how far it is every half second."""
+        pending = [w.pretrain.remote(cache_dir) for w in self._workers]
+        while on_progress is not None and len(
+            ray.wait(pending, num_returns=len(pending), timeout=PROGRESS_POLL_S)[0]
+        ) < len(pending):
             stage, batches, total = ray.get(self._actor.progress.remote())
             if total:
                 on_progress(stage, batches, total)
-        return ray.get(done)
+        return ray.get(pending)[0]
 
     def load_state(self, state: dict[str, object]) -> None:
-        ray.get(self._actor.load_state.remote(state))
+        self._on_all("load_state", state)
 
     def device_info(self) -> DeviceInfo:
         return ray.get(self._actor.device_info.remote())
@@ -114,7 +146,7 @@ class _RemoteCloud:
         return ray.get(self._actor.device_counts.remote(round_index))
 
     def update(self, round_index: int, participants: np.ndarray, results: list[PackResult]) -> dict[str, float]:
-        return ray.get(self._actor.update.remote(round_index, participants, results))
+        return self._on_all("update", round_index, participants, results)
 
     def evaluate(self) -> metrics.Evaluation:
         return ray.get(self._actor.evaluate.remote())
@@ -130,11 +162,16 @@ class RayRuntime(Runtime):
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
         self._requested_cpus = num_cpus
         self._started_ray = False
-        self._cloud = None
+        self._added_cpus = 0  # CPUs an embedded Ray counts beyond the cores, for the cloud's reservation
+        self._cloud: list[Any] = []
+        self._cloud_group: Any = None  # the cloud workers' placement group
         self._packs: list[Any] = []
         self._restarting: set[int] = set()  # packs whose actor died in the last device phase
 
-    def _init_ray(self) -> None:
+    def _init_ray(self, cloud_workers: int = 1) -> None:
+        """Join the cluster at `address`, or start an embedded Ray whose CPUs are this machine's cores plus one per
+        cloud worker: on one machine the cloud computes while the devices wait, so its reservation takes no core
+        from the device packs."""
         if self.address:
             check_reachable(self.address)
         if ray.is_initialized():
@@ -151,44 +188,97 @@ class RayRuntime(Runtime):
             # address="local": always a new embedded instance, never a `ray start` cluster found on this machine
             ray.init(
                 address="local",
-                num_cpus=self._requested_cpus or os.cpu_count(),
+                num_cpus=(self._requested_cpus or os.cpu_count() or 1) + cloud_workers,
                 include_dashboard=False,
                 log_to_driver=True,
             )
         self._started_ray = True
+        self._added_cpus = 0 if self.address else cloud_workers
 
     @property
     def num_cpus(self) -> int:
         self._init_ray()
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:
+    def cloud_workers(self, config: SimConfig) -> int:
+        """`cloud.workers`, `auto` resolved: one per node with CPUs (one on an embedded Ray)."""
+        if config.cloud.workers != "auto":
+            return config.cloud.workers
+        if not ray.is_initialized() and not self.address:
+            return 1
         self._init_ray()
-        cpus = self.num_cpus
-        share = cpus / len(packs)
-        threads = config.runtime.torch_threads or max(1, int(share))
-        # the cloud asks Ray for no CPU (it works while the devices wait) and uses as many threads as the largest
-        # node has CPUs: Ray would otherwise pin the actor's torch to one thread
-        cloud_threads = config.runtime.torch_threads or _largest_node_cpus()
+        return max(1, sum(1 for cpus in _node_cpus().values() if cpus > 0))
+
+    def device_cpus(self, config: SimConfig) -> int:
+        workers = self.cloud_workers(config)
+        self._init_ray(workers)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        return max(1, int(cpus - workers * cloud_cpus_each(cpus, workers)))
+
+    def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:
+        workers = self.cloud_workers(config)
+        self._init_ray(workers)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        cloud_cpus = cloud_cpus_each(cpus, workers)
+        # a pack's threads come from all the cores (the cloud's are idle while the devices train); its reservation
+        # from the CPUs the cloud leaves
+        threads = config.runtime.torch_threads or max(1, int((cpus - self._added_cpus) / len(packs)))
         modules = upload_plugins(config)
-        self._cloud = CloudActor.options(runtime_env=actor_env(cloud_threads, modules)).remote(
-            config, dataset_root, cloud_threads
-        )
+        cloud_nodes = self._start_cloud(config, dataset_root, workers, cloud_cpus, modules)
+        free = [cpus - cloud_cpus * cloud_nodes.count(node) for node, cpus in _node_cpus().items()]
+        reserved = pack_cpus(free, len(packs))
         # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a restarted actor
         # never depends on a large argument still being in the object store
         self._packs = [
-            DeviceActor.options(num_cpus=share, runtime_env=actor_env(threads, modules)).remote(
+            DeviceActor.options(num_cpus=reserved, runtime_env=actor_env(threads, modules)).remote(
                 config, dataset_root, range(ids[0], ids[-1] + 1), threads
             )
             for ids in packs
         ]
+
+    def _start_cloud(
+        self, config: SimConfig, dataset_root: str, workers: int, cpus_each: float, modules: list[str]
+    ) -> list[str]:
+        """The cloud's workers, spread over nodes by a placement group, each with as many torch threads as its node
+        has CPUs for it (Ray would otherwise pin an actor's torch to its reservation), joined in a process group.
+        Returns the node of each worker."""
+        group = placement_group([{"CPU": cpus_each}] * workers, strategy="SPREAD")
+        if not ray.wait([group.ready()], timeout=CLOUD_START_TIMEOUT_S)[0]:
+            remove_placement_group(group)
+            raise RuntimeStartError(
+                f"cloud.workers = {workers} needs {cpus_each:g} CPU each from Ray, which the cluster did not grant in "
+                f"{CLOUD_START_TIMEOUT_S:.0f} s; lower cloud.workers or add nodes"
+            )
+        self._cloud_group = group
+        node_of = placement_group_table(group)["bundles_to_node_id"]
+        sharing = Counter(node_of.values())
+        node_cpus = _node_cpus()
+        self._cloud = []
+        for rank in range(workers):
+            node = node_of[rank]
+            cores = node_cpus.get(node, 1) - self._added_cpus
+            threads = config.runtime.torch_threads or max(1, cores // sharing[node])
+            where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
+            self._cloud.append(
+                CloudActor.options(
+                    num_cpus=cpus_each, scheduling_strategy=where, runtime_env=actor_env(threads, modules)
+                ).remote(config, dataset_root, threads)
+            )
+        if workers > 1:
+            address = ray.get(
+                _rendezvous.options(
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+                ).remote()
+            )
+            ray.get([w.join_workers.remote(address, rank, workers) for rank, w in enumerate(self._cloud)])
+        return [node_of[rank] for rank in range(workers)]
 
     @property
     def cloud(self) -> _RemoteCloud:
         return _RemoteCloud(self._cloud)
 
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
-        return self._cloud.broadcast.remote(round_index, participants)
+        return self._cloud[0].broadcast.remote(round_index, participants)
 
     def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
         phase = DevicePhase()
@@ -238,10 +328,12 @@ class RayRuntime(Runtime):
         ray.kill(self._packs[index], no_restart=False)
 
     def shutdown(self) -> None:
-        for actor in [self._cloud, *self._packs]:
-            if actor is not None:
-                ray.kill(actor)
-        self._cloud, self._packs = None, []
+        for actor in [*self._cloud, *self._packs]:
+            ray.kill(actor)
+        self._cloud, self._packs = [], []
+        if self._cloud_group is not None:
+            remove_placement_group(self._cloud_group)
+            self._cloud_group = None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

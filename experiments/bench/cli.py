@@ -13,11 +13,12 @@ from typing import Any
 
 from cli_args import csv_list
 
-from bench import broadcast, ceiling, device_phase, flower, scaling
+from bench import broadcast, ceiling, cloud_workers, device_phase, flower, scaling
 from bench.common import RunInfo, overrides_for, run_part
 from bench.table import PARTS, write_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PROJECTED_WORKERS = (16, 64)  # the cloud-worker counts the cost model projects to (part cloud_workers)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Sizes:
     broadcast_devices: int
     broadcast_actors: list[int]
     flower_devices: list[int]
+    cloud_devices: int
+    cloud_workers: list[int]
     out: Path
     work_dir: Path
 
@@ -45,6 +48,8 @@ FULL = Sizes(
     broadcast_devices=10_000,
     broadcast_actors=[2, 8],
     flower_devices=[100, 1_000],
+    cloud_devices=10_000,
+    cloud_workers=[1, 2, 3],
     out=RESULTS,
     work_dir=Path("runs/bench"),
 )
@@ -57,6 +62,8 @@ QUICK = Sizes(
     broadcast_devices=200,
     broadcast_actors=[2, 4],
     flower_devices=[20, 50],
+    cloud_devices=300,
+    cloud_workers=[1, 2],
     out=Path("runs/bench-quick/results"),
     work_dir=Path("runs/bench-quick"),
 )
@@ -86,6 +93,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-devices", type=int, default=2000, help="metrics.eval_devices (default 2000)")
     parser.add_argument("--broadcast-devices", type=int, help="broadcast: participants (default 10000)")
     parser.add_argument("--broadcast-actors", type=csv_list(int), help="broadcast: actor counts (default 2,8)")
+    parser.add_argument("--cloud-devices", type=int, help="cloud_workers: devices of the measured update (10000)")
+    parser.add_argument("--cloud-workers", type=csv_list(int), help="cloud_workers: worker counts measured (1,2,3)")
     parser.add_argument("--flower-devices", type=csv_list(int), help="Flower side by side: clients (default 100,1000)")
     parser.add_argument(
         "--flower-client-cpus",
@@ -124,6 +133,11 @@ def measure(part: str, args: argparse.Namespace, overrides: list[str], flops: de
             return scaling.measure(counts, overrides, args.repeats, work, args.fit_from, plot, args.large_repeats)
         case "broadcast":
             return broadcast.measure(args.broadcast_devices, args.broadcast_actors, overrides, args.repeats)
+        case "cloud_workers":
+            work = args.work_dir / "cloud_workers"
+            return cloud_workers.measure(
+                args.cloud_devices, args.cloud_workers, PROJECTED_WORKERS, 1_000_000, overrides, args.repeats, work
+            )
         case _:
             log = args.work_dir / "flower" / "flower_sim.log"
             return flower.measure(args.flower_devices, overrides, args.repeats, args.flower_client_cpus, log)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PARTS = ("ceiling", "device_phase", "scaling", "broadcast", "flower")
+PARTS = ("ceiling", "device_phase", "scaling", "broadcast", "flower", "cloud_workers")
 PLACEMENTS = {
     "packed_in_process": "packed, in-process, 1 thread (pure compute)",
     "packed_ray": "packed, Ray, default placement",
@@ -70,6 +70,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         ("scaling", _scaling),
         ("broadcast", _broadcast),
         ("flower", _flower),
+        ("cloud_workers", _cloud_workers),
     ):
         if part in results:
             lines += [*render_part(results[part]["results"]), ""]
@@ -226,4 +227,36 @@ def _flower(r: dict[str, Any]) -> list[str]:
             f"| {p['devices']:,} | {flower['actors']} × {threads} | {_num(flower['client_step_ms'])} | "
             f"{_num(flower['engine_overhead_ms_per_client'])} |"
         )
+    return lines
+
+
+def _cloud_workers(r: dict[str, Any]) -> list[str]:
+    u, model = r["update"], r["model"]
+    runs = ", ".join(f"{run['workers']} → {run['t_distill_s']:.1f} s" for run in r["runs"])
+    steps = ", ".join(f"{b} samples {1000 * s:.1f} ms" for b, s in r["step_s"].items())
+    allreduce = "; ".join(
+        f"{w} workers " + ", ".join(f"{k} {1000 * s:.2f} ms" for k, s in sizes.items())
+        for w, sizes in r["allreduce_s"].items()
+    )
+    lines = [
+        f"**Cloud workers** (docs/scale-out.md; `cloud.workers`, data-parallel). dccl round-0 cloud update on "
+        f"{u['devices']:,} devices, 1 process on 1 thread: {u['total_s']:.1f} s, of which {u['in_loops_s']:.1f} s in "
+        f"{u['steps']:.0f} data-parallel minibatch steps and {u['replicated_s']:.1f} s of forward-only work every "
+        f"worker repeats; evaluation (worker 0) {u['evaluation_s']:.1f} s. A training step by part size: {steps}. "
+        f"All-reduce of the gradient ({model['gradient_bytes'] / 1e6:.2f} MB, ×1 and ×16) over loopback: "
+        f"{allreduce}. The real update on the embedded Ray, `cloud.workers` → `t_distill_s`: {runs}.",
+        "",
+        f"Projected cloud update per round at {r['project_devices']:,} devices (a projection from the cost model "
+        "above: steps and replicated work scaled linearly in devices, a step priced as the measured step on its part "
+        "plus a ring all-reduce):",
+        "",
+        "| network, regime | workers | minibatch | step ms | update s | speedup | efficiency |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for network, rows in r["projection"].items():
+        for row in rows:
+            lines.append(
+                f"| {network} | {row['workers']} | {row['minibatch']:,} | {1000 * row['step_s']:.1f} | "
+                f"{_num(row['update_s'])} | {row['speedup']:.2f} | {_percent(row['efficiency'])} |"
+            )
     return lines
