@@ -8,6 +8,7 @@ are rejected with a `ConfigError` whose message names the offending key.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,8 +64,9 @@ class DataConfig(Section):
     eval_negatives: PositiveInt = 99
     # False: evaluation negatives are sampled once and stored (99 per positive: most of a dataset's rows);
     # True: they are drawn when a device's data is loaded, from (seed, device, position, j) alone, so any process
-    # loading a device draws the same ones; for 10^5+ devices, where storing them would not fit.
-    eval_negatives_on_load: bool = False
+    # loading a device draws the same ones; for 10^5+ devices, where storing them would not fit. auto: True above
+    # dccl_sim.sizing.ON_LOAD_ABOVE_DEVICES requested devices
+    eval_negatives_on_load: bool | Literal["auto"] = "auto"
     test_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     valid_frac: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     pretrain_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
@@ -153,8 +155,9 @@ class PatchConfig(Section):
     bootstrap_l2: NonNegativeFloat = 1e-2
     # "adam": one Adam over Θ, {A_l} and the θ table, every row's moments decaying at every step (work ∝ users per
     # step); "lazy": a table row moves only when its user is in the minibatch, with its own step count (PackedAdam,
-    # work ∝ minibatch): for 10^5+ devices, where a step over the whole table costs ~0.1 s
-    bootstrap_table: Literal["adam", "lazy"] = "adam"
+    # work ∝ minibatch): for 10^5+ devices, where a step over the whole table costs ~0.1 s. auto: lazy above
+    # dccl_sim.sizing.LAZY_TABLE_ABOVE_DEVICES devices
+    bootstrap_table: Literal["adam", "lazy", "auto"] = "auto"
     lr: PositiveFloat = 1e-3
 
 
@@ -184,6 +187,9 @@ class CloudConfig(Section):
     cloud model, instead of pulling W_{t+1}'s predictions back to the stale W_t's."""
 
     pretrain_epochs: Annotated[int, Field(ge=0)] = 6
+    # at most this many samples through pretraining, and as many through bootstrapping G (None: no cap): binds only
+    # at scale (ML-100K's pretraining is ~6 × 10^5, 10^6 synthetic devices' ~10^8), where epochs would take hours
+    pretrain_budget: PositiveInt | None = 20_000_000
     finetune_epochs: Annotated[int, Field(ge=0)] = 3
     batch_size: PositiveInt = 1024
     lr: PositiveFloat = 1e-3
@@ -248,8 +254,9 @@ class MetricsConfig(Section):
     # several times the sampled evaluation, docs/evaluation.md), `both` reports the two side by side
     ranking: Literal["sampled", "full", "both"] = "sampled"
     # evaluate a seeded sample of this many devices, the same every round (None: all). At 10^5+ devices scoring
-    # every device's 99 negatives per positive three times a round would dominate the round.
-    eval_devices: PositiveInt | None = None
+    # every device's 99 negatives per positive three times a round would dominate the round. auto: all up to
+    # dccl_sim.sizing.EVAL_SAMPLE_DEVICES devices, else a sample of that many
+    eval_devices: PositiveInt | Literal["auto"] | None = "auto"
     bucket_quantiles: tuple[Annotated[float, Field(gt=0.0, lt=1.0)], ...] = (0.25, 0.5, 0.75)
 
     @field_validator("bucket_quantiles")
@@ -373,17 +380,31 @@ class SimConfig(Section):
         return self.model_dump_json(indent=2)
 
 
+_UNION_MEMBER = re.compile(r"^(constrained-\w+|literal\[.*\]|bool|int|float|str|none|is-instance\[.*\])$")
+
+
 def _lines(error: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
+    """One line per key. A value a union rejects (e.g. `PositiveInt | Literal["auto"]`) gets one line saying every
+    alternative, "greater than 0 or 'auto'", not a line per member named by pydantic's internal tags."""
+    lines: list[str] = []
+    merged: dict[str, int] = {}  # key -> its line's index, for union members
     for item in error.errors():
-        key = prefix + ".".join(str(part) for part in item["loc"])
+        loc = [str(part) for part in item["loc"]]
+        member = bool(loc) and _UNION_MEMBER.match(loc[-1]) is not None
+        key = prefix + ".".join(loc[:-1] if member else loc)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif "input" in item and not isinstance(item["input"], dict):
-            message += f" (got {item['input']!r})"
+        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        if member and key in merged:
+            lines[merged[key]] = (
+                lines[merged[key]].removesuffix(got) + " or " + message.removeprefix("Input should be ") + got
+            )
+            continue
+        if member:
+            merged[key] = len(lines)
         # a model-level check (e.g. plug-in sections) already names its keys
-        lines.append(f"{key}: {message}" if key.rstrip(".") else message)
+        lines.append(f"{key}: {message}{got}" if key.rstrip(".") else message + got)
     return lines
 
 

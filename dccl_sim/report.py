@@ -153,7 +153,7 @@ def _markdown(run_dir, config, rounds, devices, plots) -> str:
         }[ranking_kind]
         + (
             f", over a fixed seeded sample of {eval_devices:,} devices (`metrics.eval_devices`)."
-            if (eval_devices := _get(config, "metrics.eval_devices")) is not None
+            if isinstance(eval_devices := _get(config, "metrics.eval_devices"), int)
             else "."
         ),
         "",

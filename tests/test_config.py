@@ -41,7 +41,7 @@ def test_toml_and_yaml_files_and_overrides(tmp_path: Path) -> None:
         ("data.valid_frac=0.75", "leaves almost no training data"),
         ("runtime.devices_per_actor=0", "runtime.devices_per_actor"),
         ("metrics.bucket_quantiles=[0.5, 0.2]", "strictly increasing"),
-        ("metrics.eval_devices=0", "metrics.eval_devices: Input should be greater than 0 (got 0)"),
+        ("metrics.eval_devices=0", "metrics.eval_devices: Input should be greater than 0 or 'auto' (got 0)"),
         ("model.mlp_hidden=[]", "at least one hidden layer"),
         ("seed.x=1", "seed: Input should be a valid integer"),
         ("nokey", "expects KEY=VALUE"),

@@ -153,6 +153,7 @@ def bootstrap_patch(
     history_len: int,
     seed: int,
     on_batch: Callable[[int, int], None] | None = None,
+    max_samples: int | None = None,
 ) -> list[float]:
     """Learn Θ and {A_l} with W frozen and a per-device θ table on the pretraining data (then the table is
     discarded: every device starts from θ = 0). Returns the mean BCE per epoch.
@@ -160,7 +161,7 @@ def bootstrap_patch(
     The table starts near zero (`bootstrap_init_std`) and carries the devices' own L2 penalty (`bootstrap_l2`), so
     Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
     trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md). `on_batch(done,
-    total)` is called after every minibatch."""
+    total)` is called after every minibatch; `max_samples` stops it once about that many samples went through."""
     z0_of = FirstHiddenSource(model, data, indices, history_len)
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
@@ -206,6 +207,7 @@ def bootstrap_patch(
             rng=seeded_generator(*run_keys(seed, "bootstrap_minibatches")),
             after_step=step_table,
             on_batch=on_batch,
+            max_steps=None if max_samples is None else -(-max_samples // batch_size),
         )
     finally:
         _restore(frozen)

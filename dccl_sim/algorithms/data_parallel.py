@@ -58,18 +58,26 @@ def minibatch_loop(
     rng: np.random.Generator,
     after_step: Callable[[MinibatchLoss], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    max_steps: int | None = None,
 ) -> list[float]:
     """`epochs` passes over positions 0..n-1 in minibatches of `batch_size`, each pass in the order
     `rng.permutation(n)`; per minibatch: this worker's part's loss, backward, gradients summed across workers,
     `optimizer.step()`, then `after_step` (e.g. a second optimizer for the `leaves`). Returns the mean reported loss
-    per epoch over all workers' samples. `on_batch(done, total)` after every minibatch."""
+    per epoch over all workers' samples. `on_batch(done, total)` after every minibatch. `max_steps`: stop after that
+    many minibatches, within an epoch if need be (its loss is then over the minibatches it took)."""
     rank, workers = world()
-    losses = []
+    losses: list[float] = []
     total_batches, done = epochs * -(-n // batch_size), 0
+    if max_steps is not None:
+        total_batches = min(total_batches, max_steps)
     for _ in range(epochs):
+        if max_steps is not None and done >= max_steps:
+            break
         order = rng.permutation(n)
         total, count = 0.0, 0
         for start in range(0, n, batch_size):
+            if max_steps is not None and done >= max_steps:
+                break
             positions = order[start : start + batch_size]
             part = part_of(len(positions), rank, workers) if workers > 1 else slice(None)
             step = part_loss(positions, part)  # called with an empty part too: the leaves must match across workers

@@ -12,6 +12,7 @@ from dccl_sim.config import DataConfig
 from dccl_sim.data.device_data import QUERY_POS_BITS, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData
 from dccl_sim.data.raw import DataError, RawDataset
 from dccl_sim.progress import Progress
+from dccl_sim.sizing import eval_negatives_on_load
 
 FORMAT_VERSION = 1
 _NEGATIVES_CHUNK = 1 << 22  # draws checked between progress reports (~0.5 s)
@@ -220,7 +221,8 @@ def build_dataset(raw: RawDataset, config: DataConfig, seed: int, on_progress: P
     touched = np.unique(device * (num_items + 1) + item)
     if np.any(np.bincount(touched // (num_items + 1), minlength=len(kept)) >= num_items):
         raise DataError(f"{raw.name}: a user has interacted with every item; no negatives can be sampled")
-    stored_eval_negatives = 0 if config.eval_negatives_on_load else config.eval_negatives
+    on_load = eval_negatives_on_load(config)
+    stored_eval_negatives = 0 if on_load else config.eval_negatives
     negatives_per = np.where(split == SPLIT_TRAIN, config.train_negatives, stored_eval_negatives)
     negative_items = sample_negatives(rng, device, negatives_per, touched, num_items, on_progress)
     source_of_negative = np.repeat(np.arange(len(device)), negatives_per)
@@ -262,7 +264,7 @@ def build_dataset(raw: RawDataset, config: DataConfig, seed: int, on_progress: P
         history_len=config.history_len,
         train_negatives=config.train_negatives,
         eval_negatives=config.eval_negatives,
-        eval_negatives_on_load=config.eval_negatives_on_load,
+        eval_negatives_on_load=on_load,
         test_frac=config.test_frac,
         valid_frac=config.valid_frac,
         min_interactions=config.min_interactions,

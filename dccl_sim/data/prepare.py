@@ -13,6 +13,7 @@ from dccl_sim.data.raw import DataError, RawDataset
 from dccl_sim.data.sources.base import SettingsInput, is_dataset_dir, request_for, resolve_source, source_settings
 from dccl_sim.data.store import new_temp_path, read_meta, write_dataset
 from dccl_sim.progress import Progress
+from dccl_sim.sizing import eval_negatives_on_load
 
 # settings that do not change the samples, so they do not change the cache key
 _NOT_IN_KEY = {"cache_dir", "pretrain_frac", "windows"}
@@ -54,6 +55,7 @@ def cache_key(config: DataConfig, seed: int, settings: SettingsInput = None) -> 
     if source is None:
         raise DataError(f"data.source {config.source!r} is a built dataset; it has no cache key")
     values = config.model_dump(mode="json", exclude=_NOT_IN_KEY | {"path"})
+    values["eval_negatives_on_load"] = eval_negatives_on_load(config)  # `auto` and its value: one dataset
     name = config.source
     if legacy_path is not None:  # a bare path in data.source: keyed by where it resolves, named by its last part
         values["source"] = str(legacy_path.resolve())

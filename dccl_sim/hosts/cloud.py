@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dccl_sim import metrics
+from dccl_sim import metrics, sizing
 from dccl_sim.algorithms.cloud_steps import bootstrap_patch
 from dccl_sim.algorithms.data_parallel import minibatch_loop, world
 from dccl_sim.algorithms.full_ranking import FullRanker
@@ -23,6 +23,7 @@ from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state
 from dccl_sim.config import SimConfig
 from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import PRETRAIN_WINDOW, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from dccl_sim.data.store import read_meta
 from dccl_sim.hosts.loading import load_devices, model_spec
 from dccl_sim.models.factory import build_models
 from dccl_sim.models.training import fit, predict
@@ -85,6 +86,11 @@ def _source_digest(*objects: object) -> str:
     return digest.hexdigest()[:16]
 
 
+def _binding(budget: int | None, wanted: int) -> int | None:
+    """`budget` where it cuts the `wanted` sample passes short, else None."""
+    return budget if budget is not None and budget < wanted else None
+
+
 def _dump(settings: object) -> object:
     return settings.model_dump(mode="json") if hasattr(settings, "model_dump") else None
 
@@ -96,7 +102,7 @@ class CloudHost:
         """`torch_threads`: None keeps torch's default."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.config = config
+        config = self.config = sizing.for_dataset(config, read_meta(dataset_root).num_devices)
         self.data = load_devices(config, dataset_root)
         self.models = build_models(model_spec(dataset_root), config, config.seed)
         self.window = self.data.windows(config.data.windows, config.data.pretrain_frac)
@@ -151,6 +157,7 @@ class CloudHost:
             history_len=hyper.history_len,
             seed_keys=run_keys(self.config.seed, "pretrain_minibatches"),
             on_batch=self._reporter("pretraining: minibatch", on_progress),
+            max_samples=cloud.pretrain_budget,
         )
         bootstrap_patch(
             self.models.cloud,
@@ -162,6 +169,7 @@ class CloudHost:
             hyper.history_len,
             self.config.seed,
             on_batch=self._reporter("bootstrapping the patch generator: minibatch", on_progress),
+            max_samples=cloud.pretrain_budget,
         )
         loss = losses[-1] if losses else float("nan")
         if path is not None and world()[0] == 0:  # the workers' models are the same: one writes them
@@ -201,6 +209,10 @@ class CloudHost:
             "model_settings": _dump(c.section(type(self.models.cloud))),
             "patch": c.patch.model_dump(mode="json"),
             "cloud": c.cloud.model_dump(mode="json", include={"pretrain_epochs", "batch_size", "lr"}),
+            # the budget only where it binds: a budget no step reaches changes nothing
+            "budget": _binding(
+                c.cloud.pretrain_budget, len(indices) * max(c.cloud.pretrain_epochs, c.patch.bootstrap_epochs)
+            ),
             "data": c.data.model_dump(mode="json", exclude={"cache_dir", "eval_negatives", "eval_negatives_on_load"}),
             "samples": samples.hexdigest(),
             "code": _source_digest(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dccl_sim import metrics
+from dccl_sim import metrics, sizing
 from dccl_sim.algorithms.cloud_steps import first_hidden_of
 from dccl_sim.algorithms.full_ranking import FullRanker
 from dccl_sim.algorithms.metapatch_step import LocalSamples
@@ -19,6 +19,7 @@ from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state
 from dccl_sim.config import SimConfig
 from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DeviceData, index_ranges
+from dccl_sim.data.store import read_meta
 from dccl_sim.hosts.loading import load_devices, model_spec
 from dccl_sim.models.factory import Models, build_models
 from dccl_sim.models.training import predict
@@ -98,7 +99,7 @@ class DeviceHost:
         """`torch_threads`: None keeps torch's default."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.config = config
+        config = self.config = sizing.for_dataset(config, read_meta(dataset_root).num_devices)
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.strategy = resolve(STRATEGY, config.strategy)(config)
         self.data = load_devices(config, dataset_root, self.device_ids)

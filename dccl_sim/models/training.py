@@ -37,13 +37,15 @@ def fit(
     extra_loss: ExtraLoss | None = None,
     parameters: list[nn.Parameter] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    max_samples: int | None = None,
 ) -> list[float]:
     """Minimize mean BCE (plus `extra_loss`) over the samples `indices` with Adam; returns the mean loss per epoch.
 
     Minibatch order is drawn from `seed_keys` (e.g. (seed, round)), so a run is reproducible. The order is drawn
     as positions into `indices`, so that `extra_loss` finds per-sample values by position instead of searching for
     each sample in every step. Data-parallel over the cloud's workers (`minibatch_loop`). `on_batch(done, total)`
-    is called after every minibatch (progress display).
+    is called after every minibatch (progress display). `max_samples`: stop once about that many samples went
+    through (whole minibatches), even within an epoch.
     """
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)
@@ -68,6 +70,7 @@ def fit(
         batch_size=batch_size,
         rng=seeded_generator(*seed_keys),
         on_batch=on_batch,
+        max_steps=None if max_samples is None else -(-max_samples // batch_size),
     )
     model.eval()
     return losses

@@ -63,6 +63,10 @@ class Runtime(ABC):
     def num_cpus(self) -> int:
         """CPUs of the machine or cluster."""
 
+    def resolve(self, config: SimConfig) -> SimConfig:
+        """`config` with what depends on where it runs resolved (e.g. `cloud.workers = auto`)."""
+        return config
+
     def device_cpus(self, config: SimConfig) -> int:
         """CPUs the device packs are planned on: what the cloud of `config` leaves of `num_cpus`."""
         return self.num_cpus

@@ -47,12 +47,16 @@ class RunDirectory(Observer):
 
     def __init__(self, out_dir: Path, config: SimConfig) -> None:
         self.out_dir = out_dir
-        self.config = config
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(out_dir / "config.json", config.to_json().encode())
+        self.record_config(config)
         sources = plugin_sources(config)
         if sources:  # what a resume checks the plug-ins against
             write_atomically(out_dir / "plugins.json", json.dumps(sources, indent=1).encode())
+
+    def record_config(self, config: SimConfig) -> None:
+        """(Re)write `config.json`: at the start, and again once the run has resolved its `auto` settings."""
+        self.config = config
+        write_atomically(self.out_dir / "config.json", config.to_json().encode())
 
     def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
         # the records first, the checkpoint last: a checkpoint is the commit point of its round, so a run killed

@@ -209,6 +209,12 @@ class RayRuntime(Runtime):
         self._init_ray()
         return max(1, sum(1 for cpus in _node_cpus().values() if cpus > 0))
 
+    def resolve(self, config: SimConfig) -> SimConfig:
+        if config.cloud.workers != "auto":
+            return config
+        cloud = config.cloud.model_copy(update={"workers": self.cloud_workers(config)})
+        return config.model_copy(update={"cloud": cloud})
+
     def device_cpus(self, config: SimConfig) -> int:
         workers = self.cloud_workers(config)
         self._init_ray(workers)

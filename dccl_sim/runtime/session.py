@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from dccl_sim import sizing
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
 from dccl_sim.data.prepare import prepare_run_dataset
 from dccl_sim.data.store import read_meta
@@ -78,6 +79,7 @@ def run(
     """Run a simulation into `config.output.out_dir` (a new folder under runs/ when unset; `state.out_dir` says
     which), writing records and checkpoints after every round. A fresh run (no `state`) does not write over another
     run's rounds unless `output.overwrite`; a resumed run that has finished every round returns at once."""
+    config = sizing.before_data(config)
     if state is None:
         config = fresh_out_dir(config)
         claim(Path(config.output.out_dir), config.output.overwrite)
@@ -88,7 +90,8 @@ def run(
         state.out_dir = out_dir
         return state
     runtime = runtime or make_runtime(config)
-    observers: list[Observer] = [RunDirectory(out_dir, config)]
+    directory = RunDirectory(out_dir, config)
+    observers: list[Observer] = [directory]
     point_latest(out_dir)
     display = ProgressDisplay() if config.output.progress else None
     observers += [display] if display is not None else []
@@ -98,6 +101,8 @@ def run(
         notify_phase(observers, first_round, "preparing data")
         root = prepare_run_dataset(config, SetupProgress(functools.partial(notify_phase, observers, first_round)))
         dataset = Dataset(root, read_meta(root).num_devices)
+        config = runtime.resolve(sizing.for_dataset(config, dataset.num_devices))
+        directory.record_config(config)  # what `auto` became
         state = run_rounds(config, runtime, dataset, observers, state)
         state.out_dir = out_dir
         return state
