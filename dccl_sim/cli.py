@@ -253,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error[/]: {error}")
         return 2
     except Exception as error:
-        from dccl_sim.runtime.ray_runtime import RuntimeStartError
+        from dccl_sim.runtime.ray_runtime import CloudWorkerLost, RuntimeStartError
 
         if isinstance(error, RuntimeStartError):
             console.print(f"[red]error[/]: {error}")
             return 2
+        if isinstance(error, CloudWorkerLost):  # not bad input: the cluster lost a machine
+            console.print(f"[red]error[/]: {error}")
+            return 1
         raise
 
 

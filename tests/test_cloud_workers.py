@@ -16,7 +16,8 @@ from test_runtime import _flat_arrays, assert_same_results, small_config
 
 from dccl_sim.algorithms.data_parallel import MinibatchLoss, minibatch_loop, part_of
 from dccl_sim.config import ConfigError, load_config
-from dccl_sim.runtime.session import run
+from dccl_sim.runtime.ray_runtime import CloudWorkerLost, RayRuntime, _RemoteCloud
+from dccl_sim.runtime.session import resume_state, run
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 10])
@@ -144,3 +145,31 @@ def test_two_and_three_cloud_workers_learn_what_one_does(tmp_path: Path, ray_ses
 def test_cloud_workers_need_the_ray_backend() -> None:
     with pytest.raises(ConfigError, match=r"cloud\.workers = 2 needs runtime\.backend = ray"):
         load_config(None, ["cloud.workers=2", "runtime.backend=local"])
+
+
+class CloudKillingRuntime(RayRuntime):
+    """Kills cloud worker 1 as round 1's cloud update begins: a real death (`ray.kill`, no restart)."""
+
+    @property
+    def cloud(self) -> _RemoteCloud:
+        runtime = self
+
+        class Killing(_RemoteCloud):
+            def update(self, round_index, participants, results):
+                if round_index == 1:
+                    runtime.kill_cloud_worker(1)
+                return super().update(round_index, participants, results)
+
+        return Killing(self._cloud)
+
+
+def test_a_dead_cloud_worker_stops_the_run_clearly_and_resume_continues(tmp_path: Path, ray_session) -> None:
+    out = tmp_path / "run"
+    settings = ["cloud.workers=2", "runtime.torch_threads=1", "runtime.num_actors=1", "rounds=3"]
+    with pytest.raises(CloudWorkerLost, match=r"cloud worker 1 of 2 died during update.*--resume"):
+        run(small_config(out, *settings), runtime=CloudKillingRuntime())
+    assert pq.read_table(out / "rounds.parquet")["round"].to_pylist() == [0]  # interrupted in round 1, 0 kept
+    config, state = resume_state(out, [])
+    resumed = run(config, state)
+    assert [r.round for r in resumed.records] == [0, 1, 2]
+    assert pq.read_table(out / "rounds.parquet")["cloud_workers"].to_pylist() == [2, 2, 2]

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,10 @@ DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceHost)
 
 class RuntimeStartError(RuntimeError):
     """Ray could not be started or joined; the message says why and what to try."""
+
+
+class CloudWorkerLost(RuntimeError):
+    """A cloud worker died (its process or node is gone): the run stops; its finished rounds are kept."""
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -118,20 +123,41 @@ class _RemoteCloud:
         self._workers = workers
         self._actor = workers[0]
 
-    def _on_all(self, method: str, *args: Any) -> Any:
+    def _on_all(self, method: str, *args: Any, on_wait: Callable[[], None] | None = None) -> Any:
+        """Call `method` on every worker; worker 0's value. A worker that dies stops the wait at once (the others
+        would wait for it in their next all-reduce): `CloudWorkerLost`. `on_wait` is called every half second."""
         refs = [ray.put(a) if isinstance(a, (dict, list)) else a for a in args]
-        return ray.get([getattr(w, method).remote(*refs) for w in self._workers])[0]
+        calls = [getattr(w, method).remote(*refs) for w in self._workers]
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_POLL_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except (RayActorError, RayTaskError) as error:
+                    # a survivor fails too once its peer's connection closes: name the worker that died
+                    lost = error if isinstance(error, RayActorError) else _lost_worker(calls)
+                    if lost is None:
+                        raise
+                    rank = calls.index(ref) if lost is error else lost
+                    raise CloudWorkerLost(
+                        f"cloud worker {rank} of {len(calls)} died during {method} (its process or node is gone); "
+                        "the finished rounds and their checkpoints are kept: `dccl-sim run --resume RUN_DIR` "
+                        "continues from the last one"
+                    ) from None
+            if pending and on_wait is not None:
+                on_wait()
+        return ray.get(calls[0])
 
     def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]:
         """Waits for pretraining, asking worker 0 (a second thread of it) how far it is every half second."""
-        pending = [w.pretrain.remote(cache_dir) for w in self._workers]
-        while on_progress is not None and len(
-            ray.wait(pending, num_returns=len(pending), timeout=PROGRESS_POLL_S)[0]
-        ) < len(pending):
+
+        def report() -> None:
             stage, batches, total = ray.get(self._actor.progress.remote())
-            if total:
+            if total and on_progress is not None:
                 on_progress(stage, batches, total)
-        return ray.get(pending)[0]
+
+        return self._on_all("pretrain", cache_dir, on_wait=report)
 
     def load_state(self, state: dict[str, object]) -> None:
         self._on_all("load_state", state)
@@ -153,6 +179,20 @@ class _RemoteCloud:
 
     def state(self) -> dict[str, object]:
         return ray.get(self._actor.state.remote())
+
+
+def _lost_worker(calls: list[Any], wait_s: float = 10.0) -> int | None:
+    """The rank of a worker whose call ended with its actor's death (waiting up to `wait_s` for the calls to end),
+    or None when none died."""
+    done, _ = ray.wait(calls, num_returns=len(calls), timeout=wait_s)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            return calls.index(ref)
+        except RayTaskError:
+            continue
+    return None
 
 
 class RayRuntime(Runtime):
@@ -328,6 +368,10 @@ class RayRuntime(Runtime):
 
     def _submit(self, index: int, handle: Any) -> Any:
         return self._packs[index].train_round.remote(handle)
+
+    def kill_cloud_worker(self, rank: int) -> None:
+        """Kill a cloud worker (fault injection); it is not restarted: the run stops with `CloudWorkerLost`."""
+        ray.kill(self._cloud[rank], no_restart=True)
 
     def kill_pack(self, index: int) -> None:
         """Kill a pack's actor (fault injection); Ray restarts it."""
