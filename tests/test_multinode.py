@@ -189,6 +189,22 @@ def test_the_cli_joins_the_cluster_by_address(cluster: LocalCluster, single_node
     assert_same_results(single_node_run, tmp_path / "cli")
 
 
+def test_a_lost_node_loses_its_devices_for_a_round_and_the_run_goes_on(tmp_path: Path) -> None:
+    """The raylet of a worker node holding a device pack is killed mid-round (its own cluster: the node stays dead):
+    the round finishes without that pack's devices (`n_failed`), the pack gets a new actor on a surviving node and
+    the next round has every device again."""
+    out, report = tmp_path / "lost", tmp_path / "placement.json"
+    with local_cluster() as cluster:
+        command = [sys.executable, __file__, cluster.address, str(out), str(report), "kill-raylet", "rounds=3"]
+        result = subprocess.run(
+            command, env=cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+        )
+        _check(result, cluster)
+    rounds = pq.read_table(out / "rounds.parquet").to_pydict()
+    assert rounds["n_failed"] == [1, 0, 0] and rounds["failed_devices"] == [4, 0, 0]  # pack 0: devices 0-3
+    assert rounds["n_participants"] == [4, 8, 8] and rounds["n_stragglers"] == [4, 0, 0]
+
+
 def test_a_plugin_strategy_reaches_every_node(
     cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,10 +252,34 @@ class PlacementRecorder(RayRuntime):
         self.report.write_text(json.dumps({"cloud": where[:clouds], "packs": where[clouds:], "nodes": nodes}))
 
 
+def _raylet_pid(_actor: object) -> int:
+    return os.getppid()  # a Ray worker process is the child of its node's raylet
+
+
+class RayletKiller(PlacementRecorder):
+    """Kills (SIGKILL) the raylet of device pack 0's node right after round 0's task is submitted to the pack: the
+    node is lost mid-round, with the pack's actor and everything else Ray ran there."""
+
+    raylet: int | None = None
+
+    def start(self, config, dataset_root, packs) -> None:
+        super().start(config, dataset_root, packs)
+        self.raylet = ray.get(self._packs[0].__ray_call__.remote(_raylet_pid))  # asked before any round's task
+
+    def _submit(self, index, handle):
+        ref = super()._submit(index, handle)
+        if index == 0 and self.raylet is not None:
+            os.kill(self.raylet, signal.SIGKILL)
+            self.raylet = None
+        return ref
+
+
 def drive(address: str, out: Path, report: Path, *overrides: str) -> None:
     """The driver: join the cluster at `address`, run the small simulation (with `overrides`), write where each
-    actor ran."""
-    runtime = PlacementRecorder(address, report)
+    actor ran. The override `kill-raylet` kills pack 0's node in round 0 (`RayletKiller`)."""
+    killing = "kill-raylet" in overrides
+    overrides = tuple(o for o in overrides if o != "kill-raylet")
+    runtime = (RayletKiller if killing else PlacementRecorder)(address, report)
     deadline = time.monotonic() + START_TIMEOUT_S
     while runtime.num_cpus < NUM_WORKERS:  # joins through RayRuntime; waits until every worker has registered
         if time.monotonic() > deadline:

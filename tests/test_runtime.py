@@ -199,7 +199,8 @@ def test_a_killed_device_actor_is_restarted_and_the_run_finishes(tmp_path: Path,
     state = run(config, runtime=KillingRuntime())
     first, second = state.records
     assert first.n_failed == 1 and first.n_participants == 4 and first.n_stragglers == 4
-    assert second.n_failed == 0 and second.n_participants == 8
+    assert first.failed_devices == 4 and "1 packs lost (4 devices)" in first.summary()
+    assert second.n_failed == 0 and second.n_participants == 8 and second.failed_devices == 0
 
 
 def test_wall_clock_deadline_drops_late_packs(tmp_path: Path) -> None:

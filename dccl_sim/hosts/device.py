@@ -115,10 +115,6 @@ class DeviceHost:
         self._ranker: FullRanker | None = None
         self._copy: torch.nn.Module | None = None
 
-    def ready(self) -> bool:
-        """Answers once the actor is constructed (its data loaded)."""
-        return True
-
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round, in chunks that bound memory."""
         ctx = RoundContext(self.config, broadcast.round, broadcast.participants)

@@ -213,6 +213,7 @@ def _run(
             strategy.round_columns(columns),
         )
         record.t_gather_s = phase.gather_s
+        record.failed_devices = int(np.isin(pack_of_device[participants], phase.failed_packs).sum())
         state.records.append(record)
         state.device_frames.append(frame)
         record.t_round_s = time.perf_counter() - round_start

@@ -3,7 +3,8 @@
 The cloud's broadcast is the return value of one actor call, so it lands in the object store once and every
 pack reads it by reference (NumPy arrays zero-copy on a node). Results come back in completion order through
 `ray.wait`, under an optional wall-clock deadline. A pack whose actor dies is reported as failed for the round;
-Ray restarts the actor, which reloads its devices from Parquet (their meta-patches come from the cloud).
+the runtime replaces the actor before the next round, and the new one reloads its devices from Parquet (their
+meta-patches come from the cloud), on whichever node has room: after a node is lost, on the survivors.
 
 The cloud is `cloud.workers` actors in a placement group (spread over nodes, a CPU each), joined in a gloo process
 group: every call that changes the cloud (pretraining, the update, loading a checkpoint) goes to all of them with the
@@ -38,8 +39,8 @@ from dccl_sim.runtime.placement import pack_cpus
 CloudActor = ray.remote(max_concurrency=2)(CloudHost)
 CLOUD_START_TIMEOUT_S = 300.0  # the placement group waits this long for the cloud workers' CPUs
 PROGRESS_POLL_S = 0.5
-RESTART_WAIT_S = 600.0  # a restarted actor reloads its devices' data before it answers
-DeviceActor = ray.remote(max_restarts=-1, max_task_retries=0)(DeviceHost)
+DeviceActor = ray.remote(max_restarts=0, max_task_retries=0)(DeviceHost)
+REPLACE_WAIT_S = 300.0  # how long a round waits for the new actors of packs lost in the last one
 
 
 class RuntimeStartError(RuntimeError):
@@ -181,6 +182,11 @@ class _RemoteCloud:
         return ray.get(self._actor.state.remote())
 
 
+def _constructed(_actor: object) -> bool:
+    """Answers once an actor is constructed (a pack: its devices loaded)."""
+    return True
+
+
 def _lost_worker(calls: list[Any], wait_s: float = 10.0) -> int | None:
     """The rank of a worker whose call ended with its actor's death (waiting up to `wait_s` for the calls to end),
     or None when none died."""
@@ -206,7 +212,8 @@ class RayRuntime(Runtime):
         self._cloud: list[Any] = []
         self._cloud_group: Any = None  # the cloud workers' placement group
         self._packs: list[Any] = []
-        self._restarting: set[int] = set()  # packs whose actor died in the last device phase
+        self._lost: set[int] = set()  # packs whose actor died in the last device phase
+        self._new_pack: Callable[[int, float], Any] | None = None  # a pack's actor, made anew
 
     def _init_ray(self, cloud_workers: int = 1) -> None:
         """Join the cluster at `address`, or start an embedded Ray whose CPUs are this machine's cores plus one per
@@ -272,15 +279,17 @@ class RayRuntime(Runtime):
         modules = upload_plugins(config)
         cloud_nodes = self._start_cloud(config, dataset_root, workers, cloud_cpus, modules)
         free = [cpus - cloud_cpus * cloud_nodes.count(node) for node, cpus in _node_cpus().items()]
-        reserved = pack_cpus(free, len(packs))
-        # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a restarted actor
+        self._pack_cpus = pack_cpus(free, len(packs))
+        # packs are contiguous id ranges; a `range` keeps the constructor arguments tiny, so a replacement actor
         # never depends on a large argument still being in the object store
-        self._packs = [
-            DeviceActor.options(num_cpus=reserved, runtime_env=actor_env(threads, modules)).remote(
-                config, dataset_root, range(ids[0], ids[-1] + 1), threads
-            )
-            for ids in packs
-        ]
+        ranges = [range(ids[0], ids[-1] + 1) for ids in packs]
+
+        def new_pack(index: int, cpus: float) -> Any:
+            options = DeviceActor.options(num_cpus=cpus, runtime_env=actor_env(threads, modules))
+            return options.remote(config, dataset_root, ranges[index], threads)
+
+        self._new_pack = new_pack
+        self._packs = [new_pack(index, self._pack_cpus) for index in range(len(packs))]
 
     def _start_cloud(
         self, config: SimConfig, dataset_root: str, workers: int, cpus_each: float, modules: list[str]
@@ -328,7 +337,7 @@ class RayRuntime(Runtime):
 
     def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
         phase = DevicePhase()
-        self._await_restarts()
+        self._replace_lost_packs()
         pending = {self._submit(index, handle): index for index in packs}
         start = time.perf_counter()
         first = None
@@ -347,24 +356,34 @@ class RayRuntime(Runtime):
                 if isinstance(error, RayTaskError) and not isinstance(error.cause, RayActorError):
                     raise
                 phase.failed_packs.append(index)
-                self._restarting.add(index)
+                self._lost.add(index)
         phase.gather_s = time.perf_counter() - first if first is not None else 0.0
         return phase
 
-    def _await_restarts(self) -> None:
-        """Wait until the actors that died last round are back: Ray rejects calls to a restarting actor at once
-        (at-most-once tasks), which would lose the pack for a second round."""
-        deadline = time.perf_counter() + RESTART_WAIT_S
-        for index in sorted(self._restarting):
-            while True:
+    def _replace_lost_packs(self) -> None:
+        """A new actor for each pack whose actor died last round, waited for until it has loaded its devices. It
+        reserves the CPUs the old one had where the cluster still has them free, else none: after a node is lost
+        the survivors may be full, and a pack waiting for a CPU that never frees up would lose its devices in every
+        later round (it then shares a node's CPUs with the packs there). A new actor that dies at once (placed on a
+        node that is gone but not yet known to be) is made again, for up to `REPLACE_WAIT_S`."""
+        assert self._new_pack is not None, "start() first"
+        deadline = time.perf_counter() + REPLACE_WAIT_S
+        while self._lost and time.perf_counter() < deadline:
+            calls = {}
+            for index in sorted(self._lost):
+                ray.kill(self._packs[index], no_restart=True)
+                free = float(ray.available_resources().get("CPU", 0.0))
+                self._packs[index] = self._new_pack(index, self._pack_cpus if free >= self._pack_cpus else 0.0)
+                calls[self._packs[index].__ray_call__.remote(_constructed)] = index
+            remaining = max(0.0, deadline - time.perf_counter())
+            done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=remaining)
+            self._lost = set()
+            for ref in done:
                 try:
-                    ray.get(self._packs[index].ready.remote())
-                    break
+                    ray.get(ref)
                 except RayActorError:
-                    if time.perf_counter() > deadline:
-                        break  # still down: this round reports the pack as failed again
-                    time.sleep(0.2)
-        self._restarting.clear()
+                    self._lost.add(calls[ref])
+        self._lost.clear()  # still down after the wait: this round reports them failed again
 
     def _submit(self, index: int, handle: Any) -> Any:
         return self._packs[index].train_round.remote(handle)
@@ -374,8 +393,8 @@ class RayRuntime(Runtime):
         ray.kill(self._cloud[rank], no_restart=True)
 
     def kill_pack(self, index: int) -> None:
-        """Kill a pack's actor (fault injection); Ray restarts it."""
-        ray.kill(self._packs[index], no_restart=False)
+        """Kill a pack's actor (fault injection); the runtime replaces it before the next round."""
+        ray.kill(self._packs[index], no_restart=True)
 
     def shutdown(self) -> None:
         for actor in [*self._cloud, *self._packs]:

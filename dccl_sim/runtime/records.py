@@ -111,6 +111,9 @@ class RoundRecord(BaseModel):
     no_device_results: bool = False
     # packs dropped by the wall-clock deadline runtime.deadline_s
     late_packs: int = 0
+    # participants lost with the packs whose actor died (`n_failed` packs: a process or a node gone); they are among
+    # `n_stragglers`, whose results did not come back
+    failed_devices: int = 0
 
     def summary(self) -> str:
         def show(value: float) -> str:
@@ -122,6 +125,8 @@ class RoundRecord(BaseModel):
             if self.late_packs
             else ""
         )
+        if self.n_failed:
+            per_pack += f"; {self.n_failed} packs lost ({self.failed_devices} devices) with their process or node"
         if self.no_device_results:
             return (
                 f"round {self.round}: NO DEVICE RESULTS: {self.n_stragglers} sampled devices dropped as late, "
