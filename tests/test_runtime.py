@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -201,6 +202,7 @@ def test_a_killed_device_actor_is_restarted_and_the_run_finishes(tmp_path: Path,
     assert first.n_failed == 1 and first.n_participants == 4 and first.n_stragglers == 4
     assert first.failed_devices == 4 and "1 packs lost (4 devices)" in first.summary()
     assert second.n_failed == 0 and second.n_participants == 8 and second.failed_devices == 0
+    assert first.t_setup_s > 0 and math.isnan(second.t_setup_s)  # the run's set-up, on its first round only
 
 
 def test_wall_clock_deadline_drops_late_packs(tmp_path: Path) -> None:

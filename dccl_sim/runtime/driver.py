@@ -83,12 +83,15 @@ def run_rounds(
     dataset: Dataset,
     observers: Sequence[Observer] = (),
     state: RunState | None = None,
+    started: float | None = None,
 ) -> RunState:
-    """Run rounds `state.next_round .. config.rounds - 1` and return the state with every finished round."""
+    """Run rounds `state.next_round .. config.rounds - 1` and return the state with every finished round. `started`
+    (a `time.perf_counter()`): when the run began, for the first round's `t_setup_s` (default: now)."""
     state = state or RunState()
+    started = time.perf_counter() if started is None else started
     try:
         with MemoryMonitor() as memory:
-            _run(config, runtime, dataset, observers, state, memory)
+            _run(config, runtime, dataset, observers, state, memory, started)
     finally:
         for observer in observers:
             observer.on_end(state)
@@ -102,6 +105,7 @@ def _run(
     observers: Sequence[Observer],
     state: RunState,
     memory: MemoryMonitor,
+    started: float,
 ) -> None:
     strategy: Strategy = resolve(STRATEGY, config.strategy)(config)
     num_devices = dataset.num_devices
@@ -126,7 +130,8 @@ def _run(
         observer.on_start(config, num_devices, len(packs), state.next_round)
 
     memory.take_peak()  # setup and pretraining are not part of round 0's peak
-    for t in range(state.next_round, config.rounds):
+    setup_s, first_round = time.perf_counter() - started, state.next_round
+    for t in range(first_round, config.rounds):
         round_start = time.perf_counter()
         clock = _Clock()
         # who takes part: seeded sample, minus unavailable devices, minus those the deployment model makes late
@@ -214,6 +219,7 @@ def _run(
         )
         record.t_gather_s = phase.gather_s
         record.failed_devices = int(np.isin(pack_of_device[participants], phase.failed_packs).sum())
+        record.t_setup_s = setup_s if t == first_round else math.nan
         state.records.append(record)
         state.device_frames.append(frame)
         record.t_round_s = time.perf_counter() - round_start

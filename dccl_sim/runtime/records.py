@@ -111,6 +111,9 @@ class RoundRecord(BaseModel):
     no_device_results: bool = False
     # packs dropped by the wall-clock deadline runtime.deadline_s
     late_packs: int = 0
+    # the first round of a run (or of a resumed run): seconds from the start of the run to the start of this round
+    # (data, actors, pretraining, the broadcast model's evaluation); NaN for the other rounds and in older runs
+    t_setup_s: float = math.nan
     # participants lost with the packs whose actor died (`n_failed` packs: a process or a node gone); they are among
     # `n_stragglers`, whose results did not come back
     failed_devices: int = 0
@@ -135,7 +138,9 @@ class RoundRecord(BaseModel):
         return (
             f"round {self.round}: GAUC broadcast {show(self.broadcast_gauc)} → device {show(self.device_gauc)}, "
             f"cloud {show(self.cloud_gauc)} (tail {show(self.tail_cloud_gauc)}); "
-            f"{self.n_participants} devices, {self.n_stragglers} stragglers, {self.t_round_s:.1f} s{per_pack}"
+            f"{self.n_participants} devices, {self.n_stragglers} stragglers, {self.t_round_s:.1f} s"
+            + ("" if math.isnan(self.t_setup_s) else f" after {self.t_setup_s:.0f} s of set-up")
+            + per_pack
         )
 
 

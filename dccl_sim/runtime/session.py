@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 from dccl_sim import sizing
@@ -79,6 +80,7 @@ def run(
     """Run a simulation into `config.output.out_dir` (a new folder under runs/ when unset; `state.out_dir` says
     which), writing records and checkpoints after every round. A fresh run (no `state`) does not write over another
     run's rounds unless `output.overwrite`; a resumed run that has finished every round returns at once."""
+    started = time.perf_counter()
     config = sizing.before_data(config)
     if state is None:
         config = fresh_out_dir(config)
@@ -103,7 +105,7 @@ def run(
         dataset = Dataset(root, read_meta(root).num_devices)
         config = runtime.resolve(sizing.for_dataset(config, dataset.num_devices))
         directory.record_config(config)  # what `auto` became
-        state = run_rounds(config, runtime, dataset, observers, state)
+        state = run_rounds(config, runtime, dataset, observers, state, started)
         state.out_dir = out_dir
         return state
     finally:
