@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,53 @@ def test_ctrl_c_keeps_finished_rounds_and_resume_finishes(tmp_path: Path) -> Non
         assert "continue with" in output and "--resume" in output
     assert main(["run", "--resume", str(out), "--set", "output.progress=false"]) == 0
     assert pq.read_table(out / "rounds.parquet")["round"].to_pylist() == [0, 1, 2, 3]
+
+
+SLOW_DEVICES = """
+import time
+
+from dccl_sim.strategies.cloud_only import CloudOnly
+
+
+class SlowDevices(CloudOnly):
+    name = "slow_devices"
+
+    def device_step(self, device, ctx, broadcast, device_ids):
+        if ctx.round >= 1:
+            time.sleep(120)  # a device phase of minutes, as at 10^6 devices
+        return super().device_step(device, ctx, broadcast, device_ids)
+"""
+
+
+def test_ctrl_c_reaches_a_driver_waiting_for_the_devices_on_ray(tmp_path: Path) -> None:
+    """On Ray the driver spends a round waiting for the packs: Ctrl-C must stop it there within seconds, not when
+    the packs answer. Round 1's device step sleeps two minutes; the signal comes once round 0 is on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+
+    (tmp_path / "slow_devices.py").write_text(SLOW_DEVICES)
+    out = tmp_path / "run"
+    settings = ["data.num_devices=8", "data.eval_negatives=9", "rounds=2", "cloud.pretrain_epochs=1"]
+    settings += ["patch.bootstrap_epochs=1", "output.progress=false", "strategy=slow_devices:SlowDevices"]
+    command = [sys.executable, "-m", "dccl_sim.cli", "run", "--out", str(out)]
+    for setting in settings:
+        command += ["--set", setting]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "rounds.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # round 1's broadcast is out; the driver waits for the sleeping packs
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert time.monotonic() - signalled < 30, "Ctrl-C waited for the device phase"
+    assert "--resume" in output and pq.read_table(out / "rounds.parquet").num_rows == 1
 
 
 def test_data_command_writes_to_a_filesystem_uri(tmp_path: Path) -> None:
