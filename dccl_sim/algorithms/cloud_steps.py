@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from dccl_sim.algorithms.data_parallel import MinibatchLoss, minibatch_loop
+from dccl_sim.algorithms.data_parallel import MinibatchLoss, minibatch_loop, split_work, world
 from dccl_sim.algorithms.metapatch_step import patched_logits
 from dccl_sim.algorithms.packed_adam import PackedAdam
 from dccl_sim.config import CloudConfig, PatchConfig
@@ -107,20 +107,30 @@ def teacher_logits(
     """The fixed teachers of MoMoDistill, f(x; W_t, G_t, θ̂_m), for the round's samples (sample i belongs to the
     device with meta-patch theta_of_device[device_rows[i]], `device_rows` sorted), and the broadcast model's own
     f(x; W_t) on them, from one pass of the model's features. Computed over whole devices at a time: memory stays
-    bounded (z_0 of 10^7 samples would be 8 GB) and each device's rows meet in one `patched_logits` call."""
+    bounded (z_0 of 10^7 samples would be 8 GB) and each device's rows meet in one `patched_logits` call; the chunks
+    are shared out among the cloud's workers (`split_work`)."""
     rows = np.asarray(device_rows, dtype=np.int64)
-    teachers, base = [torch.zeros(0)], [torch.zeros(0)]
-    for lo, hi in whole_device_chunks(rows, chunk):
+
+    def both(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         z0 = first_hidden_of(model, data, indices[lo:hi], history_len)
-        teachers.append(patched_logits(model, patch, z0, theta_of_device, torch.from_numpy(rows[lo:hi])))
-        base.append(model.head_from_first(z0))
-    return torch.cat(teachers), torch.cat(base)
+        patched = patched_logits(model, patch, z0, theta_of_device, torch.from_numpy(rows[lo:hi]))
+        return patched, model.head_from_first(z0)
+
+    teachers, base = split_work(whole_device_chunks(rows, chunk), both, outputs=2)
+    return teachers, base
 
 
 @torch.no_grad()
 def cloud_logits(model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int) -> torch.Tensor:
-    """f(x; W) of the given samples, without patches."""
-    return model.head_from_first(first_hidden_of(model, data, indices, history_len))
+    """f(x; W) of the given samples, without patches, shared out among the cloud's workers in chunks."""
+
+    def logits(lo: int, hi: int) -> tuple[torch.Tensor]:
+        return (model.head_from_first(first_hidden_of(model, data, indices[lo:hi], history_len)),)
+
+    if world()[1] == 1:  # one pass, as before workers existed
+        return logits(0, len(indices))[0]
+    bounds = [(lo, min(lo + SCORING_CHUNK, len(indices))) for lo in range(0, len(indices), SCORING_CHUNK)]
+    return split_work(bounds, logits, outputs=1)[0]
 
 
 # z_0 of a training set is computed once (in large chunks: faster than per minibatch even for one epoch) and kept
@@ -130,12 +140,20 @@ Z0_CACHE_BYTES = 2**31
 
 
 class FirstHiddenSource:
-    """z_0 of fixed samples under a frozen model, by position in `indices`: cached or computed per minibatch."""
+    """z_0 of fixed samples under a frozen model, by position in `indices`: cached or computed per minibatch.
 
-    def __init__(self, model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int) -> None:
+    The cache costs every cloud worker a pass over all samples; computing per minibatch costs each `passes` / workers
+    passes (a worker computes its own part of each minibatch), so with as many workers as passes or more the cache
+    is not made."""
+
+    def __init__(
+        self, model: Recommender, data: DeviceData, indices: np.ndarray, history_len: int, passes: int = 1
+    ) -> None:
         self.model, self.data, self.indices, self.history_len = model, data, indices, history_len
         fits = len(indices) * model.hidden_sizes[0] * 4 <= Z0_CACHE_BYTES
-        self.cached = first_hidden_of(model, data, indices, history_len) if fits else None
+        workers = world()[1]
+        pays = workers == 1 or passes > workers
+        self.cached = first_hidden_of(model, data, indices, history_len) if fits and pays else None
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
         if self.cached is not None:
@@ -162,7 +180,7 @@ def bootstrap_patch(
     Θ is learned for the small meta-patches a device's few Adam steps reach; a table drawn at a larger scale and
     trained slowly leaves Θ fitted to noise (experiments/results/strategies_investigation.md). `on_batch(done,
     total)` is called after every minibatch; `max_samples` stops it once about that many samples went through."""
-    z0_of = FirstHiddenSource(model, data, indices, history_len)
+    z0_of = FirstHiddenSource(model, data, indices, history_len, passes=config.bootstrap_epochs)
     label = torch.from_numpy(data.label[indices].astype(np.float32))
     rows = torch.from_numpy(data.rows_of(data.sample_device[indices]))
     generator = torch.Generator().manual_seed(seed)
@@ -308,7 +326,7 @@ def patch_space_update(
     seed_keys: tuple[int, ...],
 ) -> list[float]:
     """Eq. 7: with W_{t+1} fixed, fit G and ψ so that σ(f(x; W_{t+1}, G, E_ψ(profile_m, θ̂_m))) matches the teachers."""
-    z0_of = FirstHiddenSource(model, data, indices, history_len)
+    z0_of = FirstHiddenSource(model, data, indices, history_len, passes=config.patch_epochs)
     profile = torch.from_numpy(data.profile[data.rows_of(data.sample_device[indices])])
     parameters = [*patch.parameters(), *encoder.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=patch_config.lr)

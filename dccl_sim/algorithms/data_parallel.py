@@ -47,6 +47,24 @@ def part_of(n: int, rank: int, workers: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
+def split_work(
+    bounds: Sequence[tuple[int, int]], compute: Callable[[int, int], Sequence[torch.Tensor]], outputs: int
+) -> list[torch.Tensor]:
+    """Per-sample work over [lo, hi) ranges that cover 0..n-1 in order, split over the workers: each computes
+    `compute(lo, hi)` (`outputs` tensors of length hi − lo) for its contiguous share of the ranges, and every worker
+    gets all of them, concatenated in order (one all-reduce of zero-filled float32). With one worker: all here."""
+    rank, workers = world()
+    if workers == 1:
+        parts = [compute(lo, hi) for lo, hi in bounds]
+        return [torch.cat(column) for column in zip(*parts, strict=True)] if parts else [torch.zeros(0)] * outputs
+    flat = torch.zeros(outputs, bounds[-1][1] if bounds else 0)
+    for lo, hi in bounds[part_of(len(bounds), rank, workers)]:
+        for column, value in enumerate(compute(lo, hi)):
+            flat[column, lo:hi] = value
+    dist.all_reduce(flat)
+    return list(flat)
+
+
 def minibatch_loop(
     n: int,
     part_loss: PartLoss,

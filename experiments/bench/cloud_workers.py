@@ -5,17 +5,18 @@ for 16 and 64 workers at 10^6 devices.
 Measured, all on this machine:
 - `update`: one dccl round-0 cloud update in-process (1 thread) on `devices` synthetic devices, after a real device
   phase: its total time, the time inside the data-parallel minibatch loops (`minibatch_loop`, counted steps) and the
-  rest, which every worker repeats (forward-only passes: z_0, the teachers, the encoder) and does not shrink with
-  workers; the cloud's evaluation (worker 0 only) beside it.
+  rest, the forward-only passes (z_0, the teachers), which the workers share out (`split_work`); the cloud's
+  evaluation (worker 0 only) beside it.
 - `step_s`: one training step (forward, backward, Adam) of the cloud model on a part of b samples, for the part sizes
   a minibatch of `cloud.batch_size` splits into at every worker count measured or projected.
 - `allreduce_s`: one all-reduce of the gradient buffer (the model's parameters, float32) among W processes joined by
   gloo over loopback, for two buffer sizes, so that latency and bandwidth can be told apart.
 - `runs`: the real thing, `cloud.workers = W` on the embedded Ray: the round's cloud-update time (`t_distill_s`).
 
-The projection scales the update's steps and replicated work linearly in devices (the same samples per device) and
-prices a step at W workers as step_s(part) + allreduce(W): the ring all-reduce model 2(W−1)·α + 2(W−1)/W · S / β,
-with α and β fitted on loopback and, as a stated assumption for a cluster, a 10 Gbit/s network with 50 µs latency.
+The projection scales the update's steps and forward-only work linearly in devices (the same samples per device),
+prices a step at W workers as step_s(part) + allreduce(W) (the ring all-reduce model 2(W−1)·α + 2(W−1)/W · S / β,
+with α and β fitted on loopback and, as a stated assumption for a cluster, a 10 Gbit/s network with 50 µs latency),
+and the forward-only work as its 1-worker time / W plus the all-reduce of its outputs (two floats per sample).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def measure(
     scale = project_devices / update["devices"]
     model = {
         "steps": update["steps"] * scale,
-        "replicated_s": update["replicated_s"] * scale,
+        "forward_s": update["forward_s"] * scale,
+        "forward_bytes": 2 * 4 * update["samples"] * scale,  # the teachers' and the base logits, gathered
         "evaluation_s": update["evaluation_s"],  # a fixed evaluation sample (metrics.eval_devices), worker 0 only
         "gradient_bytes": 4 * floats,
     }
@@ -137,7 +139,7 @@ def _update_split(cloud: CloudHost, config: Any, root: str) -> dict[str, float]:
         "samples": float(stats["cloud_samples"]),
         "total_s": total,
         "in_loops_s": in_loops,
-        "replicated_s": total - in_loops,
+        "forward_s": total - in_loops,
         "steps": float(sum(r["steps"] for r in records)),
         "evaluation_s": evaluation,
     }
@@ -234,8 +236,9 @@ def _project(
     part = batch if per_worker else -(-batch // workers)
     step = _step_at(step_s, part) + _ring(workers, model["gradient_bytes"], network)
     steps = model["steps"] / workers if per_worker else model["steps"]
-    one = model["replicated_s"] + model["steps"] * _step_at(step_s, batch)
-    update = model["replicated_s"] + steps * step
+    one = model["forward_s"] + model["steps"] * _step_at(step_s, batch)
+    forward = model["forward_s"] / workers + _ring(workers, model["forward_bytes"], network)
+    update = forward + steps * step
     return {
         "workers": workers,
         "minibatch": batch * workers if per_worker else batch,

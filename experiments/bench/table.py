@@ -241,14 +241,14 @@ def _cloud_workers(r: dict[str, Any]) -> list[str]:
     lines = [
         f"**Cloud workers** (docs/scale-out.md; `cloud.workers`, data-parallel). dccl round-0 cloud update on "
         f"{u['devices']:,} devices, 1 process on 1 thread: {u['total_s']:.1f} s, of which {u['in_loops_s']:.1f} s in "
-        f"{u['steps']:.0f} data-parallel minibatch steps and {u['replicated_s']:.1f} s of forward-only work every "
-        f"worker repeats; evaluation (worker 0) {u['evaluation_s']:.1f} s. A training step by part size: {steps}. "
+        f"{u['steps']:.0f} data-parallel minibatch steps and {u['forward_s']:.1f} s of forward-only work the workers "
+        f"share out; evaluation (worker 0) {u['evaluation_s']:.1f} s. A training step by part size: {steps}. "
         f"All-reduce of the gradient ({model['gradient_bytes'] / 1e6:.2f} MB, ×1 and ×16) over loopback: "
         f"{allreduce}. The real update on the embedded Ray, `cloud.workers` → `t_distill_s`: {runs}.",
         "",
         f"Projected cloud update per round at {r['project_devices']:,} devices (a projection from the cost model "
-        "above: steps and replicated work scaled linearly in devices, a step priced as the measured step on its part "
-        "plus a ring all-reduce):",
+        "above: steps and forward-only work scaled linearly in devices, a step priced as the measured step on its part "
+        "plus a ring all-reduce, the forward-only work split over the workers plus the all-reduce of its outputs):",
         "",
         "| network, regime | workers | minibatch | step ms | update s | speedup | efficiency |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
