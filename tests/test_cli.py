@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from dccl_sim.cli import main
@@ -42,30 +47,33 @@ def test_data_command_writes_a_dataset_and_prints_a_summary(tmp_path: Path, caps
     assert "data.path: no such file or folder" in capsys.readouterr().out
 
 
-def test_ctrl_c_keeps_finished_rounds_and_resume_finishes(tmp_path: Path) -> None:
-    import signal
-    import subprocess
-    import sys
-    import time
+CTRL_C_RUN = ["data.num_devices=8", "data.eval_negatives=9", "cloud.pretrain_epochs=1", "patch.bootstrap_epochs=1"]
 
-    import pyarrow.parquet as pq
 
-    out = tmp_path / "run"
-    settings = ["data.num_devices=8", "data.eval_negatives=9", "rounds=4", "cloud.pretrain_epochs=1"]
-    settings += ["patch.bootstrap_epochs=1", "runtime.backend=local", "output.progress=false"]
+def _interrupted_run(out: Path, settings: list[str], wait_s: float = 0.0, env: dict | None = None) -> tuple:
+    """`dccl-sim run` in a subprocess, sent SIGINT `wait_s` after round 0 is on disk: (exit code, output, seconds
+    from the signal to the exit)."""
     command = [sys.executable, "-m", "dccl_sim.cli", "run", "--out", str(out)]
-    for setting in settings:
+    for setting in [*CTRL_C_RUN, "output.progress=false", *settings]:
         command += ["--set", setting]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 300
     while not (out / "rounds.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(wait_s)
+    signalled = time.monotonic()
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
+    return process.returncode, output, time.monotonic() - signalled
+
+
+def test_ctrl_c_keeps_finished_rounds_and_resume_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, output, _ = _interrupted_run(out, ["rounds=4", "runtime.backend=local"])
     finished = pq.read_table(out / "rounds.parquet").num_rows
     assert 1 <= finished <= 4
     if finished < 4:  # interrupted mid-run: a clear message and exit code 130
-        assert process.returncode == 130, output
+        assert code == 130, output
         assert "continue with" in output and "--resume" in output
     assert main(["run", "--resume", str(out), "--set", "output.progress=false"]) == 0
     assert pq.read_table(out / "rounds.parquet")["round"].to_pylist() == [0, 1, 2, 3]
@@ -89,32 +97,14 @@ class SlowDevices(CloudOnly):
 
 def test_ctrl_c_reaches_a_driver_waiting_for_the_devices_on_ray(tmp_path: Path) -> None:
     """On Ray the driver spends a round waiting for the packs: Ctrl-C must stop it there within seconds, not when
-    the packs answer. Round 1's device step sleeps two minutes; the signal comes once round 0 is on disk."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import pyarrow.parquet as pq
-
+    the packs answer. Round 1's device step sleeps two minutes; the signal comes 2 s after round 0 is on disk, when
+    round 1's broadcast is out and the driver waits for the sleeping packs."""
     (tmp_path / "slow_devices.py").write_text(SLOW_DEVICES)
     out = tmp_path / "run"
-    settings = ["data.num_devices=8", "data.eval_negatives=9", "rounds=2", "cloud.pretrain_epochs=1"]
-    settings += ["patch.bootstrap_epochs=1", "output.progress=false", "strategy=slow_devices:SlowDevices"]
-    command = [sys.executable, "-m", "dccl_sim.cli", "run", "--out", str(out)]
-    for setting in settings:
-        command += ["--set", setting]
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while not (out / "rounds.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(2)  # round 1's broadcast is out; the driver waits for the sleeping packs
-    signalled = time.monotonic()
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output
-    assert time.monotonic() - signalled < 30, "Ctrl-C waited for the device phase"
+    code, output, seconds = _interrupted_run(out, ["rounds=2", "strategy=slow_devices:SlowDevices"], 2.0, env)
+    assert code == 130, output
+    assert seconds < 30, "Ctrl-C waited for the device phase"
     assert "--resume" in output and pq.read_table(out / "rounds.parquet").num_rows == 1
 
 

@@ -252,5 +252,6 @@ def test_every_strategy_runs_on_sasrec(strategy: str, tmp_path: Path) -> None:
     assert rounds["round"] == [0, 1]
     for column in ("start_gauc", "device_gauc", "cloud_auc", "cloud_gauc", "device_hr10", "cloud_ndcg10"):
         assert all(0.0 < value <= 1.0 for value in rounds[column]), column
+    rounds.pop("t_setup_s")  # the first round's only, NaN on the others by design
     numbers = [v for values in rounds.values() for v in values if isinstance(v, float)]
     assert all(math.isfinite(v) for v in numbers)

@@ -3,6 +3,7 @@ finished rounds mean (or branches into a new directory), and a process killed at
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -29,7 +30,9 @@ def _config(out: Path | None, *overrides: str):
 
 
 def _rounds(out: Path) -> dict[str, list]:
-    return pq.read_table(out / "rounds.parquet").to_pydict()
+    """rounds.parquet with NaN as None, so that two reads of one file compare equal (NaN != NaN)."""
+    table = pq.read_table(out / "rounds.parquet").to_pydict()
+    return {k: [None if isinstance(v, float) and math.isnan(v) else v for v in values] for k, values in table.items()}
 
 
 def test_a_run_directory_holding_a_run_is_refused_and_overwrite_clears_it(tmp_path: Path) -> None:
