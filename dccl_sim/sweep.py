@@ -136,7 +136,8 @@ def summarize_point(run_dir: Path) -> dict[str, Any]:
     `samples_per_s` = Σ `n_train` / Σ `t_devices_s`: throughput of the simulator's device phase in wall-clock
     time, where `n_train` is each participating device's positive training interactions in the round's window
     (devices.parquet; the negatives sampled with them and repeated epochs are not counted). `max_round_memory_mb`
-    is the highest of the rounds' `peak_memory_mb` (setup and pretraining excluded)."""
+    is the highest of the rounds' `peak_memory_mb` (setup and pretraining excluded); `setup_s` the time from the
+    start to the first round (`t_setup_s`; NaN for runs made before it was recorded)."""
     rounds = pq.read_table(run_dir / "rounds.parquet")
     devices = pq.read_table(run_dir / "devices.parquet")
     col = {name: rounds[name].to_numpy() for name in rounds.column_names if name != "strategy"}
@@ -153,6 +154,7 @@ def summarize_point(run_dir: Path) -> dict[str, Any]:
     n_train = float(devices["n_train"].to_numpy()[finished].sum())
     row["samples_per_s"] = n_train / device_time if device_time > 0 else math.nan
     row["max_round_memory_mb"] = float(np.nanmax(col["peak_memory_mb"])) if "peak_memory_mb" in col else math.nan
+    row["setup_s"] = float(col["t_setup_s"][0]) if "t_setup_s" in col else math.nan
     row["final_cloud_gauc"] = float(col["cloud_gauc"][-1])
     row["final_device_gauc"] = float(col["device_gauc"][-1])
     return row

@@ -28,6 +28,7 @@ FIGURES = (
     "devices_per_s",
     "samples_per_s",
     "max_round_memory_mb",
+    "setup_s",  # time to the first round: data, actors, pretraining
     "peak_memory_mb",
     "wall_s",
 )

@@ -140,19 +140,21 @@ def _scaling(r: dict[str, Any]) -> list[str]:
         "**Round latency and peak memory against devices** (one `dccl` round per point in a fresh process; peak "
         "memory = PSS of the process and everything it started, during the round and over the whole run):",
         "",
-        "| devices | round s | device phase s | cloud update s | evaluation s | peak memory, round MiB | "
+        "| devices | set-up s | round s | device phase s | cloud update s | evaluation s | peak memory, round MiB | "
         "peak memory, run MiB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in r["points"]:
+        setup = p.get("setup_s")  # time to the first round; absent from results made before it was recorded
         lines.append(
-            f"| {p['n_devices']:,} | {_num(p['mean_t_round_s'])} | {_num(p['mean_t_devices_s'])} | "
+            f"| {p['n_devices']:,} | {_num(setup)} | "
+            f"{_num(p['mean_t_round_s'])} | {_num(p['mean_t_devices_s'])} | "
             f"{_num(p['mean_t_distill_s'])} | {_num(p['mean_t_eval_s'])} | {_num(p['max_round_memory_mb'])} | "
             f"{_num(p['peak_memory_mb'])} |"
         )
     for entry in r["not_measured"]:
         # the first line only: an out-of-memory error carries Ray's whole report (scaling.json keeps it)
-        lines.append(f"| {entry['n_devices']:,} | {entry['reason'].splitlines()[0]} | | | | | |")
+        lines.append(f"| {entry['n_devices']:,} | {entry['reason'].splitlines()[0]} | | | | | | |")
     exponents = r["exponents"]
     if exponents:
         over = ", ".join(f"{n:,}" for n in r["fit_devices"])
