@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dccl_sim.runtime.run_dir import fresh_out_dir
     from dccl_sim.runtime.session import resume_state, run
 
-    extra = []
+    extra = ["output.verbose=true"] if args.verbose else []
     if args.address:
         extra += [f"runtime.address={args.address}", "runtime.backend=ray"]
     if args.branch and not args.resume:
@@ -121,6 +121,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = args.out or Path("runs/sweep")
     devices = sweep.parse_devices(args.devices) if args.devices else None
     overrides = list(args.set or []) + (["output.overwrite=true"] if args.overwrite else [])
+    overrides += ["output.verbose=true"] if args.verbose else []
     points = sweep.build_grid(devices, overrides, args.config, out)
     swept = list(points[0].values)
     console.print(f"sweep: {len(points)} runs over {', '.join(swept) or 'no axis'} into {out}")
@@ -217,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
         help="with --resume: continue from the run's checkpoint into NEW_DIR, under changed settings",
     )
     run.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
+    run.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (output.verbose)")
     run.set_defaults(handler=cmd_run)
 
     data = commands.add_parser("data", help="build a dataset directory (Parquet partitioned by device shard)")
@@ -232,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
     common(sweep)
     sweep.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep)")
     sweep.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier sweep in --out")
+    sweep.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (output.verbose)")
     sweep.set_defaults(handler=cmd_sweep)
 
     cache = commands.add_parser("cache", help="show (or clear) what dccl-sim caches: datasets, pretrained clouds")

@@ -287,6 +287,8 @@ class OutputConfig(Section):
     overwrite: bool = False
     checkpoint_every: PositiveInt = 1
     progress: bool = True
+    # show Ray's own log lines (its start-up messages, the token-authentication notice); without it only its errors
+    verbose: bool = False
 
 
 class SimConfig(Section):

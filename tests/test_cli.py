@@ -106,6 +106,18 @@ def test_ctrl_c_reaches_a_driver_waiting_for_the_devices_on_ray(tmp_path: Path) 
     assert code == 130, output
     assert seconds < 30, "Ctrl-C waited for the device phase"
     assert "--resume" in output and pq.read_table(out / "rounds.parquet").num_rows == 1
+    # Ray's own lines (its start-up notice, the token-authentication warning) are not shown without --verbose
+    assert "Started a local Ray instance" not in output and "Token authentication" not in output, output
+
+
+def test_verbose_shows_rays_own_log_lines(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "dccl_sim.cli", "run", "--verbose", "--out", str(tmp_path / "run")]
+    for setting in [*CTRL_C_RUN, "output.progress=false", "rounds=1"]:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Started a local Ray instance" in result.stdout + result.stderr
+    assert '"verbose": true' in (tmp_path / "run" / "config.json").read_text()
 
 
 def test_data_command_writes_to_a_filesystem_uri(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ same arguments and they train data-parallel (docs/scale-out.md); what only reads
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -204,8 +205,10 @@ def _lost_worker(calls: list[Any], wait_s: float = 10.0) -> int | None:
 class RayRuntime(Runtime):
     """Runs the roles as Ray actors: embedded local Ray by default, or an existing cluster at `address`."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
+        """`verbose`: Ray's own INFO and WARNING lines too (only its errors otherwise: a user cannot act on them)."""
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
+        self._log_level = logging.INFO if verbose else logging.ERROR
         self._requested_cpus = num_cpus
         self._started_ray = False
         self._added_cpus = 0  # CPUs an embedded Ray counts beyond the cores, for the cloud's reservation
@@ -225,7 +228,7 @@ class RayRuntime(Runtime):
             return
         if self.address:
             try:
-                ray.init(address=self.address, log_to_driver=True)
+                ray.init(address=self.address, log_to_driver=True, logging_level=self._log_level)
             except (AuthenticationError, ConnectionError) as error:
                 raise RuntimeStartError(
                     f"could not join the Ray cluster at {self.address}: {error}. A cluster with token authentication "
@@ -238,6 +241,7 @@ class RayRuntime(Runtime):
                 num_cpus=(self._requested_cpus or os.cpu_count() or 1) + cloud_workers,
                 include_dashboard=False,
                 log_to_driver=True,
+                logging_level=self._log_level,
             )
         self._started_ray = True
         self._added_cpus = 0 if self.address else cloud_workers

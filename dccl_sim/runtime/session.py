@@ -32,7 +32,7 @@ def make_runtime(config: SimConfig) -> Runtime:
         return LocalRuntime()
     from dccl_sim.runtime.ray_runtime import RayRuntime  # Ray only when asked for
 
-    return RayRuntime(address=config.runtime.address)
+    return RayRuntime(address=config.runtime.address, verbose=config.output.verbose)
 
 
 def resume_state(run_dir: Path, overrides: list[str], branch_to: Path | None = None) -> tuple[SimConfig, RunState]:
