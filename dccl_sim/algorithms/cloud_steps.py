@@ -225,7 +225,7 @@ def bootstrap_patch(
             rng=seeded_generator(*run_keys(seed, "bootstrap_minibatches")),
             after_step=step_table,
             on_batch=on_batch,
-            max_steps=None if max_samples is None else -(-max_samples // batch_size),
+            max_samples=max_samples,
         )
     finally:
         _restore(frozen)

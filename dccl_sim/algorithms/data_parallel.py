@@ -76,14 +76,16 @@ def minibatch_loop(
     rng: np.random.Generator,
     after_step: Callable[[MinibatchLoss], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    max_steps: int | None = None,
+    max_samples: int | None = None,
 ) -> list[float]:
     """`epochs` passes over positions 0..n-1 in minibatches of `batch_size`, each pass in the order
     `rng.permutation(n)`; per minibatch: this worker's part's loss, backward, gradients summed across workers,
     `optimizer.step()`, then `after_step` (e.g. a second optimizer for the `leaves`). Returns the mean reported loss
-    per epoch over all workers' samples. `on_batch(done, total)` after every minibatch. `max_steps`: stop after that
-    many minibatches, within an epoch if need be (its loss is then over the minibatches it took)."""
+    per epoch over all workers' samples. `on_batch(done, total)` after every minibatch. `max_samples`: stop once
+    about that many samples went through (whole minibatches), within an epoch if need be (its loss is then over the
+    minibatches it took)."""
     rank, workers = world()
+    max_steps = None if max_samples is None else -(-max_samples // batch_size)
     losses: list[float] = []
     total_batches, done = epochs * -(-n // batch_size), 0
     if max_steps is not None:

@@ -70,7 +70,7 @@ def fit(
         batch_size=batch_size,
         rng=seeded_generator(*seed_keys),
         on_batch=on_batch,
-        max_steps=None if max_samples is None else -(-max_samples // batch_size),
+        max_samples=max_samples,
     )
     model.eval()
     return losses

@@ -136,17 +136,19 @@ class _RemoteCloud:
             for ref in done:
                 try:
                     ray.get(ref)
-                except (RayActorError, RayTaskError) as error:
+                    continue
+                except RayActorError:
+                    rank = calls.index(ref)
+                except RayTaskError:
                     # a survivor fails too once its peer's connection closes: name the worker that died
-                    lost = error if isinstance(error, RayActorError) else _lost_worker(calls)
-                    if lost is None:
+                    rank = _lost_worker(calls)
+                    if rank is None:
                         raise
-                    rank = calls.index(ref) if lost is error else lost
-                    raise CloudWorkerLost(
-                        f"cloud worker {rank} of {len(calls)} died during {method} (its process or node is gone); "
-                        "the finished rounds and their checkpoints are kept: `dccl-sim run --resume RUN_DIR` "
-                        "continues from the last one"
-                    ) from None
+                raise CloudWorkerLost(
+                    f"cloud worker {rank} of {len(calls)} died during {method} (its process or node is gone); "
+                    "the finished rounds and their checkpoints are kept: `dccl-sim run --resume RUN_DIR` "
+                    "continues from the last one"
+                ) from None
             if pending and on_wait is not None:
                 on_wait()
         return ray.get(calls[0])
