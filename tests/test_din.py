@@ -65,16 +65,21 @@ def _attention_by_concatenation(model: DIN, batch: Batch, *, dense: bool = False
     return logits if dense else logits[batch.history > 0]
 
 
-def test_features_equal_the_masked_softmax_over_every_position(layout: str) -> None:
-    """Scoring only the valid positions is the definition's masked softmax over all L, in value and gradient."""
-    model = _model(attention_hidden=(7,))
-    batch = _batch()
+def _features_by_definition(model: DIN, batch: Batch) -> torch.Tensor:
+    """x = [pooled, e_t, pooled * e_t, profiles] with the attention MLP on the concatenation at every position."""
     table = model.item_table()
     history, target = table[batch.history], table[batch.item]
     logits = _attention_by_concatenation(model, batch, dense=True).masked_fill(batch.history == 0, float("-inf"))
     pooled = torch.einsum("nl,nld->nd", torch.softmax(logits, dim=1).nan_to_num(0.0), history)
     profiles = [embedding(batch.profile[:, i]) for i, embedding in enumerate(model.profile_embeddings)]
-    expected = torch.cat([pooled, target, pooled * target, *profiles], dim=1)
+    return torch.cat([pooled, target, pooled * target, *profiles], dim=1)
+
+
+def test_features_equal_the_masked_softmax_over_every_position(layout: str) -> None:
+    """Scoring only the valid positions is the definition's masked softmax over all L, in value and gradient."""
+    model = _model(attention_hidden=(7,))
+    batch = _batch()
+    expected = _features_by_definition(model, batch)
     got = model.features(batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     d = model.item_embedding.embedding_dim
@@ -88,6 +93,39 @@ def test_features_equal_the_masked_softmax_over_every_position(layout: str) -> N
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_for_metrics_reads_the_pair_table_built_in_its_scope() -> None:
+    """Scoring for metrics, once the positions scored in the scope reach PAIR_BUILD_SHARE of the pair table's
+    entries, reads the attention logits from the table: the same features. The table lives for one scope, so
+    weights changed between scopes are never scored with a stale one; outside a scope, the exact path only."""
+    model = _model(attention_hidden=(7,))
+    batch = _batch(n=40)  # 200 positions; the table has 21 · 20 = 420 entries, built from 210 scored positions on
+    with torch.no_grad():
+        expected = _features_by_definition(model, batch)
+        assert model.scoring_state is None
+        with model.scoring_for_metrics():
+            torch.testing.assert_close(model.features(batch), expected, rtol=1e-5, atol=1e-6)
+            assert "pairs" not in model.scoring_state  # 200 positions scored: not yet
+            torch.testing.assert_close(model.features(batch), expected, rtol=1e-5, atol=1e-6)
+            table = model.scoring_state["pairs"]
+            assert table.shape == (21, 20)
+            torch.testing.assert_close(model.features(batch), expected, rtol=1e-5, atol=1e-6)
+            saved = table.clone()
+            table.normal_()  # the features are read from it
+            assert not torch.allclose(model.features(batch), expected, atol=1e-3)
+            table.copy_(saved)
+        assert model.scoring_state is None
+
+        model.attention_out.bias.add_(0.5)  # as an optimizer's step would (fused Adam leaves no version trace)
+        model.item_embedding.weight[3].mul_(2.0)
+        changed = _features_by_definition(model, batch)
+        assert not torch.allclose(changed, expected, atol=1e-3)
+        torch.testing.assert_close(model.features(batch), changed, rtol=1e-5, atol=1e-6)
+        with model.scoring_for_metrics():
+            for _ in range(3):
+                torch.testing.assert_close(model.features(batch), changed, rtol=1e-5, atol=1e-6)
+            assert "pairs" in model.scoring_state
 
 
 @pytest.fixture(params=["dense", "ragged"])

@@ -268,7 +268,8 @@ class CloudHost:
         """The current cloud model on every device's evaluation split (and by full ranking where configured)."""
         idx = self.eval_indices
         history_len = self.config.data.history_len
-        scores = predict(self.models.cloud, self.data, idx, history_len=history_len)
+        with self.models.cloud.scoring_for_metrics():
+            scores = predict(self.models.cloud, self.data, idx, history_len=history_len)
         full = {}
         if self.config.metrics.ranking != "sampled":
             positives = idx[self.data.label[idx] == 1]

@@ -3,7 +3,9 @@ needs from them (samples, cached features, evaluation, result packaging)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ class RoundSamples:
     indices: np.ndarray
     starts: np.ndarray
     ends: np.ndarray
+    # the evaluation split: its scores feed metrics alone (`Recommender.scoring_for_metrics`)
+    for_metrics: bool = False
 
     @property
     def counts(self) -> np.ndarray:
@@ -183,15 +187,20 @@ class DeviceHost:
         return group_by_device(self.data, device_ids, mask)
 
     def eval_samples(self, device_ids: np.ndarray) -> RoundSamples:
-        return group_by_device(self.data, device_ids, self.eval_mask)
+        return dataclasses.replace(group_by_device(self.data, device_ids, self.eval_mask), for_metrics=True)
 
     def cloud_scores(self, samples: RoundSamples) -> np.ndarray:
         """Logits of the broadcast model itself on the samples."""
-        return predict(self.models.cloud, self.data, samples.indices, history_len=self.config.data.history_len)
+        with self._scoring(samples):
+            return predict(self.models.cloud, self.data, samples.indices, history_len=self.config.data.history_len)
 
     def z0(self, samples: RoundSamples) -> torch.Tensor:
         """The first hidden output of the broadcast model on the samples (constant while W is frozen)."""
-        return first_hidden_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)
+        with self._scoring(samples):
+            return first_hidden_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)
+
+    def _scoring(self, samples: RoundSamples) -> contextlib.AbstractContextManager:
+        return self.models.cloud.scoring_for_metrics() if samples.for_metrics else contextlib.nullcontext()
 
     def patch_samples(self, device_ids: np.ndarray, local: RoundSamples, x: torch.Tensor | None = None) -> LocalSamples:
         """The local samples with z_0 cached and each device's newest slice (by query position) marked for the gate;

@@ -17,7 +17,8 @@ must not mix rows (no batch statistics).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
@@ -193,6 +194,24 @@ class Recommender(nn.Module, ABC):
     def first_hidden_flops(self) -> float:
         """Forward FLOPs of `first_hidden` per sample (what a CoDA candidate, arriving as x, costs)."""
         return float(mlp_flops([self.input_dim, self.hidden_sizes[0]]))
+
+    @contextmanager
+    def scoring_for_metrics(self) -> Iterator[None]:
+        """Within it, the weights are fixed and scores feed metrics alone (evaluation): a model may compute the same
+        function faster, equal within float rounding, and keep what it derived from the weights until the end (DIN
+        reads attention logits from a table of every item pair). What trains, gates or is sent stays on the exact
+        path: a rounding difference there can flip a gate and move every later number."""
+        previous = self.__dict__.get("_scoring_state")
+        self.__dict__["_scoring_state"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__["_scoring_state"] = previous
+
+    @property
+    def scoring_state(self) -> dict[str, Any] | None:
+        """Within `scoring_for_metrics`, a dict for what the model keeps until its end; outside it, None."""
+        return self.__dict__.get("_scoring_state")
 
     # ---------------------------------------------------------------- helpers for subclasses
 
