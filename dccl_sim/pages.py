@@ -22,8 +22,9 @@ h3 { font-size: 1.1em; }
 code { background: #f4f4f4; padding: 0 .25em; border-radius: 3px; font-size: .92em; }
 table { border-collapse: collapse; display: block; overflow-x: auto; margin: .8em 0; font-size: .88em;
         font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ddd; padding: .25em .6em; white-space: nowrap; }
-th { background: #f6f8fa; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; }
+td { white-space: nowrap; }
+th { background: #f6f8fa; vertical-align: bottom; }
 tbody tr:nth-child(even) { background: #fafafa; }
 img { max-width: 100%; height: auto; }
 """
