@@ -143,9 +143,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for header, _, _ in columns:
         table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(*(format(row[name], spec) for _, name, spec in columns))
+        table.add_row(*sweep.format_row(row, columns))
     console.print(table)
-    console.print(f"written: {out / 'sweep.parquet'}, {out / 'sweep_latency.png'}")
+    console.print(f"written: {out / 'sweep.parquet'}, {out / sweep.PLOT}, {out / 'sweep.md'}, {out / sweep.HTML}")
     return 0
 
 
@@ -186,7 +186,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dccl_sim.report import write_report
+    from dccl_sim.report import HTML, write_report
     from dccl_sim.results import RunDirectoryError
 
     try:
@@ -194,7 +194,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except RunDirectoryError as error:
         console.print(f"[red]error[/]: {error}")
         return 2
-    console.print(f"written: {path} and its plots")
+    console.print(f"written: {path} (plots beside it)\nwritten: {path.with_name(HTML)} (one file, plots embedded)")
     return 0
 
 
@@ -242,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
     common(cache)
     cache.set_defaults(handler=cmd_cache)
 
-    report = commands.add_parser("report", help="write report.md and plots for a run directory")
+    report = commands.add_parser("report", help="write report.md, report.html and plots for a run directory")
     report.add_argument("run_dir", type=Path)
     report.set_defaults(handler=cmd_report)
     return root

@@ -1,4 +1,5 @@
-"""`dccl-sim report RUN_DIR`: a run directory's `report.md` with tables and PNG plots (docs/design.md §7).
+"""`dccl-sim report RUN_DIR`: a run directory's `report.md` with tables and PNG plots, and `report.html`, the same
+page in one self-contained file with the plots embedded (`dccl_sim.pages`) (docs/design.md §7).
 
 Reads only what a run writes (`config.json`, `rounds.parquet`, `devices.parquet`), so it works on a finished, a
 stopped or a resumed run. Plots use matplotlib's Agg backend and are saved next to `report.md`:
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dccl_sim import metrics
+from dccl_sim.pages import markdown_table, write_html_page
 from dccl_sim.results import check_run_dir, read_config, read_table
 
 PLOTS = {
@@ -41,10 +43,12 @@ PHASES = (
     ("other", None),
 )
 MAX_GAIN_ROUNDS = 5
+HTML = "report.html"
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write `run_dir/report.md` and its PNG plots; return the markdown file's path."""
+    """Write `run_dir/report.md`, its PNG plots and `run_dir/report.html` (the same page, plots embedded); return
+    the markdown file's path."""
     run_dir = Path(run_dir)
     config, rounds, devices = read_run(run_dir)
     if "broadcast_gauc" in rounds:
@@ -61,7 +65,9 @@ def write_report(run_dir: Path) -> Path:
         gain = _plot_gain(devices, config, run_dir / PLOTS["personalization"])
         plots.append(("Personalization gain by activity bucket", gain))
     path = run_dir / "report.md"
-    path.write_text(_markdown(run_dir, config, rounds, devices, plots))
+    text = _markdown(run_dir, config, rounds, devices, plots)
+    path.write_text(text)
+    write_html_page(text, run_dir, run_dir / HTML, title=f"dccl-sim report: {run_dir.name}")
     return path
 
 
@@ -273,7 +279,7 @@ def _get(config: dict, dotted: str, default: Any = None) -> Any:
 
 def _table(rounds: dict[str, np.ndarray], columns: list[tuple[str, str | None, str | None]]) -> list[str]:
     present = [c for c in columns if c[1] is None or c[1] in rounds]
-    lines = ["| " + " | ".join(c[0] for c in present) + " |", "|" + "---:|" * len(present)]
+    rows = []
     for i in range(len(rounds["round"])):
         cells = []
         for _, name, spec in present:
@@ -281,8 +287,8 @@ def _table(rounds: dict[str, np.ndarray], columns: list[tuple[str, str | None, s
                 cells.append(" / ".join(_fmt(rounds[f"device_compute_{q}_s"][i], ".3g") for q in ("p50", "p95", "max")))
             else:
                 cells.append(_fmt(rounds[name][i], spec))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return markdown_table([c[0] for c in present], rows)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -314,28 +320,26 @@ def _round_axis(ax, round_numbers: np.ndarray) -> None:
 
 
 def _plot_metrics(rounds, path: Path) -> tuple[str, str]:
-    from matplotlib.lines import Line2D
-
-    fig, ax = _figure(8.0, 4.2)
+    # all devices and the long tail in panels of their own: the tail's GAUC often sits far from the overall one, and
+    # on one shared axis the gap would flatten the model-to-model differences a reader looks for
+    fig, axes = _figure(10.0, 4.2, ncols=2)
     x = rounds["round"]
-    # colour says which model, line style which devices; start is drawn wide underneath, as device often sits on it
+    # start is drawn wide underneath, as device often sits on it
     shown = [m for m in MODELS if f"{m[0]}_gauc" in rounds]  # runs written before the broadcast baseline lack it
-    for (model, _, color), width in zip(shown, (6.0, 4.0, 1.8, 1.8)[-len(shown) :], strict=True):
-        alpha = 0.55 if model in ("broadcast", "start") else 1.0
-        ax.plot(x, rounds[f"{model}_gauc"], color=color, marker="o", lw=width, alpha=alpha)
-        ax.plot(x, rounds[f"tail_{model}_gauc"], color=color, marker="s", ls="--", lw=width, alpha=alpha)
-    _round_axis(ax, x)
-    ax.set_ylabel("GAUC (per-device AUC,\nweighted by test samples)")
-    ax.set_title(f"GAUC per round — {rounds['strategy'][-1]}, {int(rounds['n_devices'][-1]):,} devices")
-    ax.grid(alpha=0.3)
-    models = [Line2D([], [], color=color, lw=3, label=label) for _, label, color in shown]
-    subsets = [
-        Line2D([], [], color="black", marker="o", label="all devices"),
-        Line2D([], [], color="black", marker="s", ls="--", label="long tail (bucket 0)"),
-    ]
-    ax.legend(handles=models + subsets, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax, (prefix, subset) in zip(
+        axes, (("", "all devices"), ("tail_", "long tail (bucket 0, least active)")), strict=True
+    ):
+        for (model, label, color), width in zip(shown, (6.0, 4.0, 1.8, 1.8)[-len(shown) :], strict=True):
+            alpha = 0.55 if model in ("broadcast", "start") else 1.0
+            ax.plot(x, rounds[f"{prefix}{model}_gauc"], color=color, marker="o", lw=width, alpha=alpha, label=label)
+        _round_axis(ax, x)
+        ax.set_title(subset, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("GAUC (per-device AUC,\nweighted by test samples)")
+    fig.suptitle(f"GAUC per round — {rounds['strategy'][-1]}, {int(rounds['n_devices'][-1]):,} devices")
+    fig.legend(handles=axes[0].get_lines(), fontsize=8, loc="outside right upper")
     _save(fig, path)
-    return path.name, "Solid: all devices; dashed: the long-tail bucket (least active devices)."
+    return path.name, "Left: all devices; right: the long-tail bucket (least active devices), each on its own scale."
 
 
 def _plot_latency(rounds, path: Path) -> tuple[str, str]:
@@ -357,7 +361,9 @@ def _plot_latency(rounds, path: Path) -> tuple[str, str]:
     ax.set_ylabel("seconds (wall clock)")
     ax.set_title("Measured round phases (stacked)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # legend entries top to bottom as the bars stack, the marker first
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
     caption = (
         "Bars: the simulator's measured wall clock per phase ('other' is the rest of `t_round_s`: sampling, "

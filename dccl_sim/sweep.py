@@ -6,7 +6,8 @@ apply to every point. The data source is `synthetic` unless the config file or a
 runs with `dccl_sim.runtime.session.run` into its own run directory, `OUT/devices=N[/KEY=VALUE...]`.
 
 `OUT/sweep.parquet` has one row per point (see `summarize_point`), `OUT/sweep_latency.png` plots round latency
-against device count, log-log.
+against device count, log-log, and `OUT/sweep.md` and `OUT/sweep.html` (one file, the plot embedded) show the table
+a terminal shows and the plot.
 
 Peak memory. `peak_memory_mb` is the highest proportional set size of the process that ran the point and every
 process it started (an embedded Ray's raylet, object store and workers included), sampled in the background
@@ -32,10 +33,13 @@ import pyarrow.parquet as pq
 import yaml
 
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config, read_config_file
+from dccl_sim.pages import markdown_table, write_html_page
 from dccl_sim.runtime.memory import MemoryMonitor
 from dccl_sim.runtime.run_dir import holds_results
 
 DEVICES_KEY = "data.num_devices"
+PLOT = "sweep_latency.png"
+HTML = "sweep.html"
 PHASES = ("t_round_s", "t_devices_s", "t_distill_s", "t_eval_s", "t_broadcast_s", "t_gather_s", "t_checkpoint_s")
 
 
@@ -166,8 +170,8 @@ def run_sweep(
     isolate: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every point in order, writing `sweep.parquet` and the plot after each (a stopped sweep keeps what
-    finished). `isolate=False` runs points in this process (the peak memory then includes what earlier points left
+    """Run every point in order, writing `sweep.parquet`, the plot and the pages after each (a stopped sweep keeps
+    what finished). `isolate=False` runs points in this process (the peak memory then includes what earlier points left
     allocated)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -184,7 +188,8 @@ def run_sweep(
         row |= {"wall_s": wall, **memory, "run_dir": str(Path(point.config.output.out_dir))}
         rows.append(row)
         write_table(rows, out_dir / "sweep.parquet")
-        plot_latency(rows, list(point.values), out_dir / "sweep_latency.png")
+        plot_latency(rows, list(point.values), out_dir / PLOT)
+        write_pages(rows, list(point.values), out_dir)
         if on_row is not None:
             on_row(row)
     return rows
@@ -276,3 +281,27 @@ def table_columns(swept: list[str]) -> list[tuple[str, str, str]]:
         ("samples\n/s", "samples_per_s", ".3g"),
         ("memory\nMiB", "peak_memory_mb", ",.0f"),
     ]
+
+
+def format_row(row: dict[str, Any], columns: list[tuple[str, str, str]]) -> list[str]:
+    """A row's cells under `table_columns`, as text."""
+    return [format(row[name], spec) for _, name, spec in columns]
+
+
+def write_pages(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> Path:
+    """`OUT/sweep.md` (the summary table and the latency plot) and `OUT/sweep.html`, the same page in one file with
+    the plot embedded; return the HTML page's path."""
+    columns = table_columns(swept)
+    lines = [f"# dccl-sim sweep: `{out_dir.name}`", ""]
+    lines += [
+        f"Strategy `{rows[0]['strategy']}`; seconds are means over each point's rounds, memory the peak over its whole "
+        "run (every process it started included). Each point's run is in `devices=N[/KEY=VALUE...]` beside this page.",
+        "",
+    ]
+    lines += markdown_table(
+        [header.replace("\n", " ") for header, _, _ in columns], [format_row(r, columns) for r in rows]
+    )
+    lines += ["", f"![Round latency against device count]({PLOT})", ""]
+    text = "\n".join(lines)
+    (out_dir / "sweep.md").write_text(text)
+    return write_html_page(text, out_dir, out_dir / HTML, title=f"dccl-sim sweep: {out_dir.name}")

@@ -133,13 +133,14 @@ def summarize(cells: dict[float, list[dict]], rounds: int) -> dict[str, Any]:
     return out
 
 
-def _heat(ax, grid: np.ndarray, rows: list[str], cols: list[str], title: str, limit: float) -> None:
+def _heat(ax, grid: np.ndarray, rows: list[str] | None, cols: list[str], title: str, limit: float) -> None:
     image = ax.imshow(grid * 1000, cmap="RdBu", vmin=-limit * 1000, vmax=limit * 1000, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         dark = abs(value) > 0.6 * limit
         ax.text(j, i, f"{value * 1000:+.1f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
-    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=20)
-    ax.set_yticks(range(len(rows)), rows)
+    # slanted and anchored at their right end, the bucket labels stay clear of their neighbours
+    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(grid)), rows if rows is not None else [])  # row labels on the first panel only
     ax.set_title(title, fontsize=9)
     ax.axvline(len(cols) - 1.5, color="black", lw=0.8)
     return image
@@ -161,8 +162,8 @@ def plot(summary: dict[str, Any], quantiles: list[float], rounds: int, path: Pat
     )
     limit = max(float(np.nanmax(np.abs(grid))) for grid, _ in panels) or 1e-3
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), constrained_layout=True)
-    for ax, (grid, title) in zip(np.atleast_1d(axes), panels, strict=True):
-        image = _heat(ax, grid, rows, cols, title, limit)
+    for index, (ax, (grid, title)) in enumerate(zip(np.atleast_1d(axes), panels, strict=True)):
+        image = _heat(ax, grid, rows if index == 0 else None, cols, title, limit)
     fig.colorbar(image, ax=axes, label="GAUC gain × 1000 (red = loss)", shrink=0.8)
     fig.suptitle("Synthetic data: GAUC gain by personal deviation (rows) × user activity quantile (columns)")
     fig.savefig(path, dpi=120)

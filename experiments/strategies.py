@@ -475,6 +475,7 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
                 )
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.set_ylabel(f"{title}, {results['split']} split")
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -503,7 +504,8 @@ def plot(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
         ax.set_xlabel("users' activity quantile (training interactions)")
         ax.set_ylabel("GAUC gain: device − broadcast")
-        ax.set_title(f"Personalization gain by user activity, round {r_index}", fontsize=9)
+        spread = f"mean ± std over {len(results['seeds'])} seeds" if several else f"seed {results['seeds'][0]}"
+        ax.set_title(f"Personalization gain by user activity, round {r_index} ({spread})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=7)
     buckets_png = out.parent / f"{out.name}_buckets.png"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -107,3 +109,11 @@ def test_sweep_over_two_device_counts_writes_a_row_each_and_the_plot(tmp_path: P
         assert (tmp_path / f"devices={count}" / "rounds.parquet").is_file()
     png = tmp_path / "sweep_latency.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # the page: the table's rows and the plot embedded, readable offline
+    page = (tmp_path / "sweep.html").read_text()
+    for count, seconds in zip((20, 40), table["mean_t_round_s"], strict=True):
+        assert f'<td style="text-align:right">{count}</td>' in page
+        assert f'<td style="text-align:right">{seconds:.3g}</td>' in page
+    embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [base64.b64decode(data) for data in embedded] == [png.read_bytes()]
+    assert "](sweep_latency.png)" in (tmp_path / "sweep.md").read_text()

@@ -25,6 +25,7 @@ RUN_FILES = {
     "devices.parquet",
     "checkpoints",
     "report.md",
+    "report.html",
     "branch.json",
     "plugins.json",
 }
