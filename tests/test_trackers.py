@@ -196,3 +196,18 @@ def test_a_bad_tracker_setting_names_its_key(setting: str, key: str, capsys) -> 
     printed = capsys.readouterr().out
     assert f"{key}: " in printed and "Traceback" not in printed
     assert len([line for line in printed.splitlines() if line.startswith("error")]) == 1
+
+
+def test_the_overhead_script_times_every_hook_of_a_real_tracked_run(tmp_path: Path, monkeypatch) -> None:
+    import tracker_overhead
+
+    monkeypatch.chdir(tmp_path)  # the script works in its work folder
+    settings = [x for s in [*TINY_RUN, "rounds=2"] for x in ("--set", s)]
+    out = tmp_path / "overhead.json"
+    argv = ["--tracker", "tensorboard", "--work-dir", str(tmp_path / "work"), "--out", str(out), *settings]
+    result = tracker_overhead.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert len(result["on_round_s"]) == len(result["t_round_s"]) == 2
+    assert all(0 < s < 60 for s in [*result["on_round_s"], result["on_start_s"], result["make_tracker_s"]])
+    assert min(result["on_round_s"]) <= result["on_round_median_s"] <= max(result["on_round_s"])
+    assert len(list((tmp_path / "work" / "run-tensorboard" / "tensorboard").glob("events.out.tfevents.*"))) == 1
