@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dccl_sim.config import ConfigError, SimConfig, load_config
 from dccl_sim.data.raw import DataError
 from dccl_sim.results import RunDirectoryError
 
-# messages hold paths and commands to copy: a line break inside one would corrupt it
+# messages hold paths and commands to copy: a line break inside one would corrupt it, and so would reading their
+# brackets (`dccl-sim[mlflow]`) as rich markup: error texts are escaped
 console = Console(soft_wrap=True)
 
 
@@ -192,7 +194,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         path = write_report(args.run_dir)
     except RunDirectoryError as error:
-        console.print(f"[red]error[/]: {error}")
+        console.print(f"[red]error[/]: {escape(str(error))}")
         return 2
     console.print(f"written: {path} (plots beside it)\nwritten: {path.with_name(HTML)} (one file, plots embedded)")
     return 0
@@ -253,16 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, DataError, RunDirectoryError) as error:
-        console.print(f"[red]error[/]: {error}")
+        console.print(f"[red]error[/]: {escape(str(error))}")
         return 2
     except Exception as error:
         from dccl_sim.runtime.ray_runtime import CloudWorkerLost, RuntimeStartError
 
         if isinstance(error, RuntimeStartError):
-            console.print(f"[red]error[/]: {error}")
+            console.print(f"[red]error[/]: {escape(str(error))}")
             return 2
         if isinstance(error, CloudWorkerLost):  # not bad input: the cluster lost a machine
-            console.print(f"[red]error[/]: {error}")
+            console.print(f"[red]error[/]: {escape(str(error))}")
             return 1
         raise
 

@@ -289,6 +289,12 @@ class OutputConfig(Section):
     progress: bool = True
     # show Ray's own log lines (its start-up messages, the token-authentication notice); without it only its errors
     verbose: bool = False
+    # mirror the run into an experiment tracker (README, "Tracking"): the config as parameters, every round's record
+    # as metrics (step = round); mlflow also stores the run directory's records as artifacts. Each needs its extra:
+    # pip install 'dccl-sim[mlflow]' or 'dccl-sim[tensorboard]'
+    tracker: Literal["none", "mlflow", "tensorboard"] = "none"
+    # the MLflow experiment the run goes into (the MLflow run is named after the run directory)
+    tracker_experiment: Annotated[str, Field(min_length=1)] = "dccl-sim"
 
 
 class SimConfig(Section):

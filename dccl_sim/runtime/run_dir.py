@@ -28,6 +28,8 @@ RUN_FILES = {
     "report.html",
     "branch.json",
     "plugins.json",
+    "tracking.json",
+    "tensorboard",
 }
 # what a run's results depend on is everything in its config except these: a resume may change them (`rounds` only
 # upwards). Placement (backend, actors, devices per actor) leaves results unchanged (tests/test_runtime.py).
@@ -99,11 +101,12 @@ def point_latest(out_dir: Path) -> None:
     temp.replace(link)
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict of settings as one level of dotted keys (`device.lr`); an empty section stays a value."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
+            out |= flatten_settings(value, f"{prefix}{key}.")
         else:
             out[prefix + key] = value
     return out
@@ -112,7 +115,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_settings(saved: SimConfig, config: SimConfig) -> dict[str, tuple[Any, Any]]:
     """Every setting (dotted key) whose value in `config` differs from the saved config's: key → (saved, now). A
     setting newer than the saved file has its default there."""
-    before, after = (_flat(json.loads(c.to_json())) for c in (saved, config))
+    before, after = (flatten_settings(json.loads(c.to_json())) for c in (saved, config))
     keys = sorted(set(before) | set(after))
     return {key: (before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)}
 

@@ -25,6 +25,7 @@ from dccl_sim.runtime.observers import (
 )
 from dccl_sim.runtime.records import device_record_columns, read_devices_records, read_rounds
 from dccl_sim.runtime.run_dir import branch, check_plugins, check_resume, claim, fresh_out_dir, point_latest
+from dccl_sim.runtime.trackers import make_tracker
 
 
 def make_runtime(config: SimConfig) -> Runtime:
@@ -82,18 +83,21 @@ def run(
     run's rounds unless `output.overwrite`; a resumed run that has finished every round returns at once."""
     started = time.perf_counter()
     config = sizing.before_data(config)
+    if state is not None and state.next_round >= config.rounds:
+        if runtime is not None:
+            runtime.shutdown()
+        state.out_dir = Path(config.output.out_dir)
+        return state
+    # first, so that a tracker's missing package stops the run before a folder is cleared or data prepared
+    tracker = make_tracker(config, state.records if state else ())
     if state is None:
         config = fresh_out_dir(config)
         claim(Path(config.output.out_dir), config.output.overwrite)
     out_dir = Path(config.output.out_dir)
-    if state is not None and state.next_round >= config.rounds:
-        if runtime is not None:
-            runtime.shutdown()
-        state.out_dir = out_dir
-        return state
     runtime = runtime or make_runtime(config)
     directory = RunDirectory(out_dir, config)
-    observers: list[Observer] = [directory]
+    # the tracker after the directory, whose on_round completes each record (checkpoint and round times)
+    observers: list[Observer] = [directory, *([tracker] if tracker else [])]
     point_latest(out_dir)
     display = ProgressDisplay() if config.output.progress else None
     observers += [display] if display is not None else []
