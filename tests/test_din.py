@@ -122,10 +122,14 @@ def test_scoring_for_metrics_reads_the_pair_table_built_in_its_scope() -> None:
         changed = _features_by_definition(model, batch)
         assert not torch.allclose(changed, expected, atol=1e-3)
         torch.testing.assert_close(model.features(batch), changed, rtol=1e-5, atol=1e-6)
-        with model.scoring_for_metrics():
-            for _ in range(3):
+        kept: dict = {}  # one dict over several scopes: the positions add up, the table is kept
+        for scope in range(3):
+            with model.scoring_for_metrics(kept):
                 torch.testing.assert_close(model.features(batch), changed, rtol=1e-5, atol=1e-6)
-            assert "pairs" in model.scoring_state
+            assert ("pairs" in kept) == (scope > 0)
+            if scope == 1:
+                table = kept["pairs"]
+        assert kept["pairs"] is table
 
 
 @pytest.fixture(params=["dense", "ragged"])

@@ -118,6 +118,7 @@ class DeviceHost:
         self.samples_per_device = np.bincount(self.data.sample_row, minlength=self.data.num_devices)
         self._ranker: FullRanker | None = None
         self._copy: torch.nn.Module | None = None
+        self._scoring_kept: dict = {}
 
     def train_round(self, broadcast: Broadcast) -> PackResult:
         """The strategy's device step for this pack's participants of the round, in chunks that bound memory."""
@@ -136,6 +137,7 @@ class DeviceHost:
         if broadcast.patch_state is not None:
             load_numpy_state(self.models.patch, broadcast.patch_state)
         self._ranker = self._copy = None  # built from the broadcast model when first needed
+        self._scoring_kept: dict = {}  # what evaluation scoring derived from this broadcast model
 
     @property
     def full_ranking(self) -> bool:
@@ -200,7 +202,9 @@ class DeviceHost:
             return first_hidden_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)
 
     def _scoring(self, samples: RoundSamples) -> contextlib.AbstractContextManager:
-        return self.models.cloud.scoring_for_metrics() if samples.for_metrics else contextlib.nullcontext()
+        if not samples.for_metrics:
+            return contextlib.nullcontext()
+        return self.models.cloud.scoring_for_metrics(self._scoring_kept)
 
     def patch_samples(self, device_ids: np.ndarray, local: RoundSamples, x: torch.Tensor | None = None) -> LocalSamples:
         """The local samples with z_0 cached and each device's newest slice (by query position) marked for the gate;

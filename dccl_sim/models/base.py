@@ -196,13 +196,14 @@ class Recommender(nn.Module, ABC):
         return float(mlp_flops([self.input_dim, self.hidden_sizes[0]]))
 
     @contextmanager
-    def scoring_for_metrics(self) -> Iterator[None]:
-        """Within it, the weights are fixed and scores feed metrics alone (evaluation): a model may compute the same
-        function faster, equal within float rounding, and keep what it derived from the weights until the end (DIN
-        reads attention logits from a table of every item pair). What trains, gates or is sent stays on the exact
+    def scoring_for_metrics(self, kept: dict[str, Any] | None = None) -> Iterator[None]:
+        """Within it, scores feed metrics alone (evaluation), and a model may compute the same function faster, equal
+        within float rounding, keeping what it derives from the weights in `kept` (DIN: attention logits from a
+        table of every item pair). `kept` (default: a new dict) may be passed again to later scopes for as long as
+        the weights stay as they are, and must then be replaced. What trains, gates or is sent stays on the exact
         path: a rounding difference there can flip a gate and move every later number."""
         previous = self.__dict__.get("_scoring_state")
-        self.__dict__["_scoring_state"] = {}
+        self.__dict__["_scoring_state"] = {} if kept is None else kept
         try:
             yield
         finally:

@@ -35,7 +35,7 @@ PAIR_TABLE_MAX = 2**24
 # attention hidden values [U, H, M] computed at once by `attention_table`, bounding its memory (16 MiB in float32)
 PAIR_BLOCK = 2**22
 # scoring for metrics reads attention logits from the pair table (`_pair_logits`) once the history positions
-# scored in the scope reach this share of its entries. An entry cost 0.43 of a position's attention on
+# scored with one `kept` reach this share of its entries. An entry cost 0.43 of a position's attention on
 # ML-100K (1 thread: the table 0.43 s, 65,536 samples' attention 0.46 s; cached, their features 17× faster)
 PAIR_BUILD_SHARE = 0.5
 
@@ -181,10 +181,10 @@ class DIN(Recommender):
 
     def _pair_logits(self, table: torch.Tensor, positions: int) -> torch.Tensor | None:
         """The attention logit of every (history item, target) pair, [M + 1, M], when scoring for metrics
-        (`scoring_for_metrics`), or None. It is built once the positions scored in that scope reach PAIR_BUILD_SHARE
-        of its entries, so building it never costs much more than scoring the same positions one by one would
-        have, and kept to the end of the scope. Catalogues of over PAIR_TABLE_MAX pairs take the per-position path;
-        both compute the same function, within float rounding."""
+        (`scoring_for_metrics`), or None. It is built once the positions scored with the scope's `kept` reach
+        PAIR_BUILD_SHARE of its entries, so building it never costs much more than scoring the same positions one by
+        one would have, and kept there. Catalogues of over PAIR_TABLE_MAX pairs take the per-position path; both
+        compute the same function, within float rounding."""
         state = self.scoring_state
         entries = (self.num_items + 1) * self.num_items
         if state is None or entries > PAIR_TABLE_MAX:
