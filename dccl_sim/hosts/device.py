@@ -28,10 +28,10 @@ from dccl_sim.models.training import predict
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime.placement import chunk_bounds
 
-# In place of ranks: the model is the plain broadcast model W_t, which the cloud has already ranked in full (its
-# evaluation after the previous round's update is the `broadcast_full_*` baseline), so the driver takes its
-# per-device values from there rather than having every device rank it again.
-BROADCAST_RANKS = "broadcast"
+# In place of scores or ranks: the model is the plain broadcast model W_t, which the cloud has already evaluated (its
+# evaluation after the previous round's update is the `broadcast_*` baseline), so the driver takes its per-device
+# values from there rather than having every device score and rank it again.
+BROADCAST = "broadcast"
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,12 @@ class DeviceHost:
     ) -> list[np.ndarray | str] | None:
         """Full rank of every evaluated positive of `evaluation` (in its order) under the broadcast model, once per
         entry of `thetas`: [K, k] for each device's meta-patch (K = the devices of `evaluation`), or None for the
-        plain model, which gives BROADCAST_RANKS instead (the cloud has ranked it). None when the run does not rank
+        plain model, which gives BROADCAST instead (the cloud has ranked it). None when the run does not rank
         fully."""
         if not self.full_ranking:
             return None
         plain = [theta is None for theta in thetas]
-        out: list[np.ndarray | str] = [BROADCAST_RANKS] * len(thetas)
+        out: list[np.ndarray | str] = [BROADCAST] * len(thetas)
         if all(plain):
             return out
         positives = np.flatnonzero(self.data.label[evaluation.indices] == 1)
@@ -225,8 +225,8 @@ class DeviceHost:
         device_ids: np.ndarray,
         local: RoundSamples,
         evaluation: RoundSamples,
-        start_scores: np.ndarray,
-        device_scores: np.ndarray,
+        start_scores: np.ndarray | str,
+        device_scores: np.ndarray | str,
         *,
         samples_trained: np.ndarray,
         elapsed_s: float,
@@ -241,20 +241,24 @@ class DeviceHost:
     ) -> PackResult:
         """Package the per-device columns every strategy reports, with the strategy's `extra_columns`.
 
-        `full_ranks`: (start, device) full ranks of the evaluated positives in `evaluation`'s order, each one array,
-        a list of per-device arrays (`full_ranks`, `full_ranks_with`) or BROADCAST_RANKS (the driver fills that
-        model's columns from the cloud's evaluation of W_t); without them a run that ranks fully records NaN for
-        this chunk's full-ranking metrics.
+        `start_scores`, `device_scores`: logits of the evaluation samples under the starting and the personalized
+        model, or BROADCAST where that model is W_t itself (the driver fills its columns from the cloud's
+        evaluation). `full_ranks`: (start, device) full ranks of the evaluated positives in `evaluation`'s order,
+        each one array, a list of per-device arrays (`full_ranks`, `full_ranks_with`) or BROADCAST; without them a
+        run that ranks fully records NaN for this chunk's full-ranking metrics.
 
         The pack's compute time is shared out in proportion to each device's work (samples trained, held and
         evaluated, plus `extra_work`); time already attributed to single devices (`own_time_s`, part of
         `elapsed_s`) is theirs alone. `gate_passed` is all False for strategies without a gate."""
-        start = self._ranking(evaluation, device_ids, start_scores)
-        device = self._ranking(evaluation, device_ids, device_scores)
+        start, device = (
+            {} if isinstance(scores, str) else self._ranking(evaluation, device_ids, scores)
+            for scores in (start_scores, device_scores)
+        )
         if self.full_ranking:
             for columns_of, ranks in zip((start, device), full_ranks or (None, None), strict=True):
                 if not isinstance(ranks, str):
                     columns_of |= self._full_ranking(evaluation, device_ids, ranks)
+        scored = device if "n_queries" in device else start
         n_train = np.bincount(local.rows, weights=self.data.label[local.indices] == 1, minlength=len(device_ids))
         work = samples_trained + local.counts + evaluation.counts + extra_work
         share = work / max(work.sum(), 1)
@@ -265,7 +269,8 @@ class DeviceHost:
             "n_test": evaluation.counts.astype(np.int64),
             **{f"start_{name}": values for name, values in start.items() if name != "n_queries"},
             **{f"device_{name}": values for name, values in device.items() if name != "n_queries"},
-            "n_queries": device["n_queries"],
+            # from a model this pack scored; where both are W_t, the driver takes the cloud's count
+            **({"n_queries": scored["n_queries"]} if "n_queries" in scored else {}),
             "gate_passed": np.zeros(len(device_ids), bool) if gate_passed is None else gate_passed.astype(bool),
             "samples_trained": samples_trained.astype(np.int64),
             "compute_s": share * (elapsed_s - own.sum()) + own,

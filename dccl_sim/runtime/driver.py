@@ -176,9 +176,10 @@ def _run(
         ids = columns["device_id"].astype(np.int64)
         broadcast = broadcast_evaluation.of_devices(ids)
         columns |= {f"broadcast_{name}": broadcast[name] for name in ("auc", *ranking)}
-        # a model the devices left to the cloud's ranking of W_t (BROADCAST_RANKS): the broadcast model's values
-        for model, name in itertools.product(("start", "device"), ranking):
+        # a model the devices left to the cloud's evaluation of W_t (BROADCAST): the broadcast model's values
+        for model, name in itertools.product(("start", "device"), ("auc", *ranking)):
             columns.setdefault(f"{model}_{name}", broadcast[name])
+        columns.setdefault("n_queries", broadcast["n_queries"])
         actual = strategy.device_cost(cost, counts["n_local"][ids], counts["n_eval"][ids], columns)
         columns["flops"] = actual.flops
         times = latency.device_times(profiles.subset(ids), actual.flops, actual.download_bytes, actual.upload_bytes)

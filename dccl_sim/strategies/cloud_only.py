@@ -8,13 +8,13 @@ from dccl_sim.algorithms.cloud_steps import finetune
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, received_devices
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import CloudHost
-from dccl_sim.hosts.device import BROADCAST_RANKS, DeviceHost, Stopwatch
+from dccl_sim.hosts.device import BROADCAST, DeviceHost, Stopwatch
 from dccl_sim.strategies.base import Strategy
 
 
 class CloudOnly(Strategy):
-    """The devices evaluate the broadcast model; the cloud fine-tunes W on the data the participants held in the
-    round's window (the cloud step `metapatch`, `local_finetune` and `coda` share)."""
+    """The devices keep the broadcast model (the cloud evaluates it); the cloud fine-tunes W on the data the
+    participants held in the round's window (the cloud step `metapatch`, `local_finetune` and `coda` share)."""
 
     name = "cloud_only"
 
@@ -23,17 +23,16 @@ class CloudOnly(Strategy):
     ) -> PackResult:
         clock = Stopwatch()
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
-        scores = device.cloud_scores(evaluation)
         untrained = np.zeros(len(device_ids), dtype=np.int64)
         return device.result(
             device_ids,
             local,
             evaluation,
-            scores,
-            scores,
+            BROADCAST,
+            BROADCAST,
             samples_trained=untrained,
             elapsed_s=clock.elapsed(),
-            full_ranks=(BROADCAST_RANKS, BROADCAST_RANKS) if device.full_ranking else None,
+            full_ranks=(BROADCAST, BROADCAST) if device.full_ranking else None,
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

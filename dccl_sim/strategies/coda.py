@@ -123,7 +123,7 @@ class CoDA(MetaPatch):
             model.behaviour_dim,
             ctx,
         )
-        start, personal = patched_scores(device, evaluation, theta_start, step.theta)
+        start, personal = patched_scores(device, evaluation, self.scored_start(theta_start), step.theta)
         passes = step.classifier_passes
         # the classifier's time is shared out by the rows each device's classifier passed
         classifier = step.classifier_s * passes / passes.sum() if passes.sum() else np.zeros(len(device_ids))
@@ -146,7 +146,7 @@ class CoDA(MetaPatch):
             },
             extra_work=counts,
             own_time_s=classifier,
-            full_ranks=patched_full_ranks(device, evaluation, self.full_start(theta_start), step.theta),
+            full_ranks=patched_full_ranks(device, evaluation, self.scored_start(theta_start), step.theta),
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

@@ -10,7 +10,7 @@ from dccl_sim.algorithms.copies import train_copy
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, merge_packs
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import CloudHost, ModelCost
-from dccl_sim.hosts.device import BROADCAST_RANKS, DeviceHost, Stopwatch
+from dccl_sim.hosts.device import BROADCAST, DeviceHost, Stopwatch
 from dccl_sim.strategies.base import Strategy
 
 
@@ -31,8 +31,7 @@ class FedAvg(Strategy):
         clock = Stopwatch()
         model, data, history_len = device.models.cloud, device.data, self.config.data.history_len
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
-        start = device.cloud_scores(evaluation)
-        personal = np.empty_like(start)
+        personal = np.empty(len(evaluation.indices), dtype=np.float32)
         # copied once per pack: the broadcast arrays are read-only views of the object store
         base = {name: torch.tensor(value) for name, value in broadcast.model_state.items()}
         total = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in base.items()}
@@ -65,13 +64,13 @@ class FedAvg(Strategy):
             device_ids,
             local,
             evaluation,
-            start,
+            BROADCAST,
             personal,
             samples_trained=trained,
             elapsed_s=clock.elapsed(),
             sums={name: value.numpy() for name, value in total.items()},
             weight=weight,
-            full_ranks=(BROADCAST_RANKS, personal_full) if device.full_ranking else None,
+            full_ranks=(BROADCAST, personal_full) if device.full_ranking else None,
         )
 
     def cloud_step(self, cloud: CloudHost, ctx: RoundContext, results: list[PackResult]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from dccl_sim.algorithms.copies import train_copy
 from dccl_sim.algorithms.protocol import Broadcast, PackResult
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import ModelCost
-from dccl_sim.hosts.device import BROADCAST_RANKS, DeviceHost, Stopwatch
+from dccl_sim.hosts.device import BROADCAST, DeviceHost, Stopwatch
 from dccl_sim.strategies.cloud_only import CloudOnly
 
 
@@ -28,10 +28,10 @@ class LocalFinetune(CloudOnly):
         model, data, history_len = device.models.cloud, device.data, self.config.data.history_len
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
         x_local = features_of(model, data, local.indices, history_len)
-        x_eval = features_of(model, data, evaluation.indices, history_len)
+        with model.scoring_for_metrics():
+            x_eval = features_of(model, data, evaluation.indices, history_len)
         label = torch.from_numpy(data.label[local.indices].astype(np.float32))
-        start = model.head(x_eval).detach().numpy()
-        personal = np.empty_like(start)
+        personal = np.empty(len(evaluation.indices), dtype=np.float32)
         base = dict(model.named_parameters())
         trained = np.zeros(len(device_ids), dtype=np.int64)
         personal_full = []
@@ -52,11 +52,11 @@ class LocalFinetune(CloudOnly):
             device_ids,
             local,
             evaluation,
-            start,
+            BROADCAST,
             personal,
             samples_trained=trained,
             elapsed_s=clock.elapsed(),
-            full_ranks=(BROADCAST_RANKS, personal_full) if device.full_ranking else None,
+            full_ranks=(BROADCAST, personal_full) if device.full_ranking else None,
         )
 
     def flops_per_trained_sample(self, cost: ModelCost) -> float:

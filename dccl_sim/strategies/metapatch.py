@@ -12,19 +12,20 @@ from dccl_sim.algorithms.metapatch_step import metapatch_device_step, patched_lo
 from dccl_sim.algorithms.protocol import Broadcast, PackResult
 from dccl_sim.context import RoundContext
 from dccl_sim.hosts.cloud import ModelCost
-from dccl_sim.hosts.device import DeviceHost, RoundSamples, Stopwatch
+from dccl_sim.hosts.device import BROADCAST, DeviceHost, RoundSamples, Stopwatch
 from dccl_sim.strategies.cloud_only import CloudOnly
 
 
 @torch.no_grad()
 def patched_scores(
-    device: DeviceHost, evaluation: RoundSamples, theta_start: torch.Tensor, theta: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluation logits of the starting and the personalized patched models, each device with its own patch."""
+    device: DeviceHost, evaluation: RoundSamples, theta_start: torch.Tensor | None, theta: torch.Tensor
+) -> tuple[np.ndarray | str, np.ndarray]:
+    """Evaluation logits of the starting and the personalized patched models, each device with its own patch;
+    `theta_start` None: the start is the broadcast model itself (BROADCAST, evaluated by the cloud)."""
     cloud, patch = device.models.cloud, device.models.patch
     z0 = device.z0(evaluation)
     rows = torch.from_numpy(evaluation.rows)
-    start = patched_logits(cloud, patch, z0, theta_start, rows).numpy()
+    start = BROADCAST if theta_start is None else patched_logits(cloud, patch, z0, theta_start, rows).numpy()
     return start, patched_logits(cloud, patch, z0, theta, rows).numpy()
 
 
@@ -32,7 +33,7 @@ def patched_full_ranks(
     device: DeviceHost, evaluation: RoundSamples, theta_start: torch.Tensor | None, theta: torch.Tensor
 ) -> tuple[np.ndarray | str, np.ndarray] | None:
     """Full ranks of the starting and the personalized patched models (None when the run does not rank fully);
-    `theta_start` None: the start is the broadcast model itself (BROADCAST_RANKS)."""
+    `theta_start` None: the start is the broadcast model itself (BROADCAST)."""
     full = device.full_ranks(evaluation, (theta_start, theta))
     return None if full is None else (full[0], full[1])
 
@@ -59,7 +60,7 @@ class MetaPatch(CloudOnly):
         step = metapatch_device_step(
             device.models.cloud, device.models.patch, samples, theta_start, self.config.device, ctx
         )
-        start, personal = patched_scores(device, evaluation, theta_start, step.theta)
+        start, personal = patched_scores(device, evaluation, self.scored_start(theta_start), step.theta)
         return device.result(
             device_ids,
             local,
@@ -70,12 +71,12 @@ class MetaPatch(CloudOnly):
             samples_trained=self._samples_trained(local.counts, step.gate_passed),
             elapsed_s=clock.elapsed(),
             uploads={"theta": step.theta.numpy()},
-            full_ranks=patched_full_ranks(device, evaluation, self.full_start(theta_start), step.theta),
+            full_ranks=patched_full_ranks(device, evaluation, self.scored_start(theta_start), step.theta),
         )
 
-    def full_start(self, theta_start: torch.Tensor) -> torch.Tensor | None:
-        """The starting meta-patches to rank in full, None where the start is the broadcast model (ranked by the
-        cloud)."""
+    def scored_start(self, theta_start: torch.Tensor) -> torch.Tensor | None:
+        """The starting meta-patches to score and rank, None where the start is the broadcast model (evaluated by
+        the cloud)."""
         return None if self.starts_from_broadcast else theta_start
 
     def _samples_trained(self, counts: np.ndarray, gate_passed: np.ndarray) -> np.ndarray:
