@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import round_context
 
-from dccl_sim.algorithms import cloud_steps
+from dccl_sim.algorithms import cloud_steps, metapatch_step
 from dccl_sim.algorithms.cloud_steps import (
     binary_kl_with_temperature,
     distill_weight,
@@ -20,6 +20,7 @@ from dccl_sim.algorithms.cloud_steps import (
 )
 from dccl_sim.algorithms.metapatch_step import (
     GROUPED_MIN_ROWS,
+    SEGMENT_MIN_ROWS,
     LocalSamples,
     metapatch_device_step,
     patched_logits,
@@ -152,6 +153,34 @@ def test_patched_logits_mixes_row_by_row_and_grouped_devices_as_one_function() -
         rows = torch.nonzero(device == m).squeeze(1)
         alone = patched_logits(model, patch, z0[rows], theta, device[rows])
         torch.testing.assert_close(alone, mixed[rows], atol=1e-6, rtol=1e-6)
+
+
+def test_rows_laid_out_device_by_device_take_the_segment_patch_with_the_same_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows that come device by device, SEGMENT_MIN_ROWS or more per device on average (an evaluation split), are
+    patched a device at a time: bit for bit the logits the tiles give (also where a device below GROUPED_MIN_ROWS,
+    patched row by row, sits among them), and the row-by-row patch's within float rounding; shuffled rows take
+    the tiles."""
+    model, patch = _models()
+    generator = torch.Generator().manual_seed(7)
+    device = torch.from_numpy(np.repeat(np.arange(5), [200, 3, 97, SEGMENT_MIN_ROWS, 150]))
+    z0 = torch.relu(torch.randn(len(device), model.hidden_sizes[0], generator=generator))
+    theta = torch.randn(5, K_PATCH, generator=generator)
+    order = torch.from_numpy(np.random.default_rng(2).permutation(len(device)))
+    calls = []
+    segment_patch = patch.segment_patch
+    patch.segment_patch = lambda *args: calls.append(args) or segment_patch(*args)
+    with torch.no_grad():
+        laid_out = patched_logits(model, patch, z0, theta, device)
+        shuffled = patched_logits(model, patch, z0[order], theta, device[order])
+        assert len(calls) == 1  # the shuffled rows took the tiles
+        monkeypatch.setattr(metapatch_step, "SEGMENT_MIN_ROWS", len(device) + 1)
+        assert torch.equal(laid_out, patched_logits(model, patch, z0, theta, device))  # the tiles' values
+        assert len(calls) == 1
+        per_row = model.head_from_first(z0, patch.patch(theta[device]))
+    torch.testing.assert_close(laid_out, per_row, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shuffled, laid_out[order], atol=1e-6, rtol=1e-6)
 
 
 def test_whole_device_chunks_cover_the_samples_without_splitting_a_device() -> None:

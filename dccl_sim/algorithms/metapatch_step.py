@@ -19,7 +19,7 @@ from dccl_sim.algorithms.schedule import minibatch_schedule
 from dccl_sim.config import DeviceConfig
 from dccl_sim.context import RoundContext
 from dccl_sim.data.device_data import index_ranges
-from dccl_sim.models.base import Recommender
+from dccl_sim.models.base import HiddenPatch, Recommender
 from dccl_sim.models.metapatch import MetaPatch, row_tiles
 
 
@@ -68,6 +68,9 @@ class PatchStepResult:
 # forward and backward; the two meet near 14. The choice depends only on the device's own rows, so a device's
 # arithmetic does not depend on which devices share its pack.
 GROUPED_MIN_ROWS = 16
+# Groups that average this many rows, laid out group by group, are patched a group at a time (`segment_patch`) rather
+# than over padded tiles: for groups of 50–4,000 rows (an evaluation split) 2.2× faster on 1 thread, bit-identical.
+SEGMENT_MIN_ROWS = 64
 
 
 def patched_logits(
@@ -79,16 +82,24 @@ def patched_logits(
     if not grouped.any():
         return model.head_from_first(z0, patch.patch(theta[device]))
     if grouped.all():
-        return model.head_from_first(z0, patch.grouped_patch(theta[active], row_tiles(group.numpy())))
+        return model.head_from_first(z0, _grouped_patch(patch, theta[active], group.numpy()))
     few, many = torch.nonzero(~grouped).squeeze(1), torch.nonzero(grouped).squeeze(1)
     many_active, many_group = torch.unique(device[many], return_inverse=True)
     logits = torch.cat(
         [
             model.head_from_first(z0[few], patch.patch(theta[device[few]])),
-            model.head_from_first(z0[many], patch.grouped_patch(theta[many_active], row_tiles(many_group.numpy()))),
+            model.head_from_first(z0[many], _grouped_patch(patch, theta[many_active], many_group.numpy())),
         ]
     )
     return logits[torch.argsort(torch.cat([few, many]))]
+
+
+def _grouped_patch(patch: MetaPatch, theta: torch.Tensor, group: np.ndarray) -> HiddenPatch:
+    """Each group's patch formed once: over tiles of 32 rows, or, where the rows come group by group and the groups
+    average SEGMENT_MIN_ROWS rows or more (an evaluation split), over each group's rows at once; the same values."""
+    if len(group) >= SEGMENT_MIN_ROWS * len(theta) and (len(group) < 2 or bool(np.all(group[1:] >= group[:-1]))):
+        return patch.segment_patch(theta, np.searchsorted(group, np.arange(len(theta) + 1)))
+    return patch.grouped_patch(theta, row_tiles(group))
 
 
 def mean_per_device(
