@@ -63,6 +63,10 @@ class Runtime(ABC):
     def num_cpus(self) -> int:
         """CPUs of the machine or cluster."""
 
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise, saying what to do, if the runtime could not start where it is asked to (e.g. no Ray cluster at the
+        given address). Cheap: a run calls it before preparing any data."""
+
     def resolve(self, config: SimConfig) -> SimConfig:
         """`config` with what depends on where it runs resolved (e.g. `cloud.workers = auto`)."""
         return config
