@@ -33,7 +33,7 @@ from dccl_sim.config import SimConfig
 from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost
 from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.progress import Progress
-from dccl_sim.runtime.base import DevicePhase, Runtime
+from dccl_sim.runtime.base import DevicePhase, PackDone, Runtime
 from dccl_sim.runtime.placement import pack_cpus
 
 # two threads: a progress() call is answered while pretrain() runs (the driver makes no other concurrent calls)
@@ -382,7 +382,9 @@ class RayRuntime(Runtime):
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
         return self._cloud[0].broadcast.remote(round_index, participants)
 
-    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
+    def run_devices(
+        self, handle: Any, packs: list[int], deadline_s: float | None, on_pack_done: PackDone | None = None
+    ) -> DevicePhase:
         phase = DevicePhase()
         self._replace_lost_packs()
         pending = {self._submit(index, handle): index for index in packs}
@@ -404,6 +406,9 @@ class RayRuntime(Runtime):
                     raise
                 phase.failed_packs.append(index)
                 self._lost.add(index)
+                continue
+            if on_pack_done is not None:
+                on_pack_done(index)
         phase.gather_s = time.perf_counter() - first if first is not None else 0.0
         return phase
 
