@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -96,3 +101,41 @@ def round_context(seed: int, round_index: int, participants: np.ndarray | None =
     from dccl_sim.context import RoundContext
 
     return RoundContext(SimConfig(seed=seed), round_index, np.zeros(0) if participants is None else participants)
+
+
+# the S3-compatible store of the tests that read and write buckets: moto's server on localhost, holding BUCKET
+BUCKET = "dccl-test"
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # to localhost, whatever *_proxy says
+
+
+@dataclass
+class S3:
+    endpoint: str  # http://127.0.0.1:PORT
+    cache: Path  # data.cache_dir for the runs (pretrained clouds), so no test writes to ~/.cache
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """A moto S3 server on a free localhost port holding an empty bucket, and the environment a user sets to reach
+    an S3-compatible store (credentials and endpoint; no region), for the requesting module only."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (a dev extra) runs the local S3 server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        # unsigned requests are fine for moto: create the bucket without any AWS client
+        DIRECT.open(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=10).close()
+        home = tmp_path_factory.mktemp("s3-home")
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+                env.delenv(name, raising=False)
+            env.setenv("AWS_CONFIG_FILE", str(home / "config"))  # none: the user's ~/.aws plays no part
+            env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
+            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_ENDPOINT_URL", endpoint)
+            yield S3(endpoint, home / "cache")
+    finally:
+        server.stop()

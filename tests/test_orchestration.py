@@ -108,7 +108,7 @@ class FakeRuntime(Runtime):
         self.broadcasts.append(participants)
         return (round_index, participants)
 
-    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
+    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None, on_pack_done=None) -> DevicePhase:
         round_index, participants = handle
         if round_index == self.fail_round:
             raise RuntimeError("the cluster went away")
@@ -120,6 +120,7 @@ class FakeRuntime(Runtime):
                 phase.failed_packs.append(index)
             else:
                 phase.results.append(_pack_result(self.packs[index][np.isin(self.packs[index], participants)]))
+                on_pack_done(index)
         return phase
 
 
@@ -194,6 +195,28 @@ def test_late_packs_are_stragglers_and_failed_packs_are_counted() -> None:
     assert frame["straggler"][missing].all() and not frame["straggler"][~missing].any()
     assert np.isnan(frame["device_auc"][missing]).all() and (frame["toy_seen"][missing] == 0).all()
     assert runtime.cloud.calls[1][3] == tuple(runtime.packs[1].tolist())  # the cloud learns only what came back
+
+
+def test_the_device_phase_counts_the_devices_whose_results_are_back() -> None:
+    """Packs report as they finish (no call per device): the phase line counts their participants, from zero up to
+    the devices whose results came back; a pack that fails adds none."""
+
+    class Phases(Observer):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_phase(self, round_index: int, phase: str) -> None:
+            self.seen.append(f"{round_index} {phase}")
+
+    phases, runtime = Phases(), FakeRuntime(failed={1})
+    _run(runtime, "rounds=1", "runtime.participation=0.5", observers=[phases])
+    participants = runtime.broadcasts[0]
+    taking_part = [int(np.isin(pack, participants).sum()) for pack in runtime.packs]
+    assert len(taking_part) == 3 and min(taking_part) > 0  # the failed pack had devices to lose
+    counted = [line for line in phases.seen if line.startswith("0 device step")]
+    expected = [0, taking_part[0], taking_part[0] + taking_part[2]]
+    assert counted == [f"0 device step: {done} of {len(participants)} devices done" for done in expected]
+    assert phases.seen.index(counted[-1]) < phases.seen.index("0 cloud update")
 
 
 def test_the_modelled_deadline_keeps_slow_devices_out_of_the_round() -> None:

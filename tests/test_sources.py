@@ -323,6 +323,7 @@ def test_data_path_is_refused_where_no_file_is_read(tmp_path: Path) -> None:
     assert "data source 'synthetic' reads no files; remove data.path" in config_error(
         "data.source=synthetic", f"data.path={tmp_path}"
     )
+    (tmp_path / "u.data").write_text("")  # a MovieLens folder (an empty one is neither that nor a dataset)
     assert "names the data itself; remove data.path" in config_error(f"data.source={tmp_path}", f"data.path={tmp_path}")
 
 

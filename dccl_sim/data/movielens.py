@@ -120,8 +120,7 @@ def load_movielens(path: Path) -> RawDataset:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (expected a MovieLens folder or its ratings file)")
     if path.is_dir():
-        found = [path / name for name in _LOADERS if (path / name).is_file()]
-        found += sorted(p for p in path.glob("*.inter") if p.is_file())
+        found = ratings_files(path)
         if not found:
             raise DataError(
                 f"{path}: no MovieLens ratings file in this folder (expected u.data, ratings.dat, ratings.csv "
@@ -138,6 +137,12 @@ def load_movielens(path: Path) -> RawDataset:
     raise DataError(
         f"{path}: unknown MovieLens file name (expected u.data, ratings.dat, ratings.csv or a RecBole <name>.inter)"
     )
+
+
+def ratings_files(folder: Path) -> list[Path]:
+    """The MovieLens ratings files in `folder` that `load_movielens` reads (one is expected)."""
+    found = [folder / name for name in _LOADERS if (folder / name).is_file()]
+    return found + sorted(p for p in folder.glob("*.inter") if p.is_file())
 
 
 def load_recbole(path: Path) -> RawDataset:

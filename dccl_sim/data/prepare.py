@@ -18,7 +18,7 @@ from dccl_sim.sizing import eval_negatives_on_load
 # settings that do not change the samples, so they do not change the cache key
 _NOT_IN_KEY = {"cache_dir", "pretrain_frac", "windows"}
 
-__all__ = ["build", "cache_key", "is_dataset_dir", "load_raw", "prepare_dataset", "write_to"]
+__all__ = ["build", "cache_key", "check_dataset", "is_dataset_dir", "load_raw", "prepare_dataset", "write_to"]
 
 
 def load_raw(
@@ -71,6 +71,13 @@ def cache_key(config: DataConfig, seed: int, settings: SettingsInput = None) -> 
         values["settings"] = resolved.model_dump(mode="json")
     digest = hashlib.sha256(json.dumps([values, seed], sort_keys=True).encode()).hexdigest()[:12]
     return f"{name.replace(':', '.')}-{digest}"  # a module:function reference names no folder
+
+
+def check_dataset(config: DataConfig) -> None:
+    """Raise a DataError, in the time one small read takes, if `data.source` names a built dataset (a folder or URI)
+    that cannot be read: a missing folder or bucket, an object store nobody answers, another format version."""
+    if is_dataset_dir(config.source):
+        read_meta(config.source)
 
 
 def prepare_dataset(

@@ -26,7 +26,7 @@ from dccl_sim.data.device_data import PRETRAIN_WINDOW, SPLIT_TEST, SPLIT_TRAIN, 
 from dccl_sim.data.store import read_meta
 from dccl_sim.hosts.loading import load_devices, model_spec
 from dccl_sim.models.factory import build_models
-from dccl_sim.models.training import fit, predict
+from dccl_sim.models.training import fit, import_optimizer_modules, predict
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.progress import Progress
 from dccl_sim.seeding import run_keys
@@ -102,6 +102,7 @@ class CloudHost:
         """`torch_threads`: None keeps torch's default."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        import_optimizer_modules()
         config = self.config = sizing.for_dataset(config, read_meta(dataset_root).num_devices)
         self.data = load_devices(config, dataset_root)
         self.models = build_models(model_spec(dataset_root), config, config.seed)

@@ -24,7 +24,7 @@ from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Devi
 from dccl_sim.data.store import read_meta
 from dccl_sim.hosts.loading import load_devices, model_spec
 from dccl_sim.models.factory import Models, build_models
-from dccl_sim.models.training import predict
+from dccl_sim.models.training import import_optimizer_modules, predict
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime.placement import chunk_bounds
 
@@ -103,6 +103,7 @@ class DeviceHost:
         """`torch_threads`: None keeps torch's default."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        import_optimizer_modules()
         config = self.config = sizing.for_dataset(config, read_meta(dataset_root).num_devices)
         self.device_ids = np.asarray(device_ids, dtype=np.int64)
         self.strategy = resolve(STRATEGY, config.strategy)(config)

@@ -6,10 +6,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
-# torch.optim imports torch._dynamo when the first optimizer is built (~1 s): import it at start-up instead, not
-# inside round 0's timed cloud update
-import torch._dynamo
 from torch import nn
 
 from dccl_sim.algorithms.data_parallel import MinibatchLoss, minibatch_loop
@@ -22,6 +18,13 @@ SCORING_CHUNK = 4096
 
 # extra loss on a minibatch: (logits, batch, the samples' positions in `fit`'s `indices`) -> scalar
 ExtraLoss = Callable[[torch.Tensor, Batch, np.ndarray], torch.Tensor]
+
+
+def import_optimizer_modules() -> None:
+    """Import what torch.optim imports when the first optimizer is built (torch._dynamo, ~1 s). A host calls this
+    when it is made, so that the import lands neither inside round 0's timed cloud update nor in a command that only
+    checks its settings and fails."""
+    import torch._dynamo  # noqa: F401
 
 
 def fit(

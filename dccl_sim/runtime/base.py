@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -13,6 +14,9 @@ from dccl_sim.algorithms.protocol import PackResult
 from dccl_sim.config import SimConfig
 from dccl_sim.hosts.cloud import DeviceInfo, ModelCost
 from dccl_sim.progress import Progress
+
+PackDone = Callable[[int], None]
+"""`on_pack_done(pack)`: the results of the pack with this index have arrived."""
 
 
 @dataclass
@@ -55,13 +59,20 @@ class Runtime(ABC):
         """Have the cloud build the round's broadcast once, where every pack can read it; returns a handle."""
 
     @abstractmethod
-    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
-        """Run the round's device step on the given packs and gather their results."""
+    def run_devices(
+        self, handle: Any, packs: list[int], deadline_s: float | None, on_pack_done: PackDone | None = None
+    ) -> DevicePhase:
+        """Run the round's device step on the given packs and gather their results, calling `on_pack_done(pack)` as
+        each pack's results arrive (the progress display counts devices by it; it costs the packs no extra call)."""
 
     @property
     @abstractmethod
     def num_cpus(self) -> int:
         """CPUs of the machine or cluster."""
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise, saying what to do, if the runtime could not start where it is asked to (e.g. no Ray cluster at the
+        given address). Cheap: a run calls it before preparing any data."""
 
     def resolve(self, config: SimConfig) -> SimConfig:
         """`config` with what depends on where it runs resolved (e.g. `cloud.workers = auto`)."""

@@ -69,6 +69,23 @@ class _Clock:
         self.times[name] = time.perf_counter() - start
 
 
+class _DevicesDone:
+    """The device phase's progress: how many of the round's participants have their results back, told to the
+    observers as the phase "device step: D of N devices done" when it starts and as each pack's results arrive."""
+
+    def __init__(self, observers: Sequence[Observer], round_index: int, participants_of_pack: np.ndarray) -> None:
+        self.observers, self.round_index, self.participants_of_pack = observers, round_index, participants_of_pack
+        self.done, self.total = 0, int(participants_of_pack.sum())
+        self._show()
+
+    def __call__(self, pack: int) -> None:
+        self.done += int(self.participants_of_pack[pack])
+        self._show()
+
+    def _show(self) -> None:
+        notify_phase(self.observers, self.round_index, f"device step: {self.done:,} of {self.total:,} devices done")
+
+
 @dataclass(frozen=True)
 class Dataset:
     """The prepared dataset a run reads: its directory and how many devices it holds."""
@@ -152,10 +169,10 @@ def _run(
         handle = runtime.broadcast(t, participants)
         clock.measure("t_broadcast_s", tic)
 
-        notify_phase(observers, t, f"device step on {len(participants)} devices")
         tic = time.perf_counter()
         active_packs = sorted(set(pack_of_device[participants].tolist()))
-        phase = runtime.run_devices(handle, active_packs, config.runtime.deadline_s)
+        devices_done = _DevicesDone(observers, t, np.bincount(pack_of_device[participants], minlength=len(packs)))
+        phase = runtime.run_devices(handle, active_packs, config.runtime.deadline_s, devices_done)
         clock.measure("t_devices_s", tic)
 
         notify_phase(observers, t, "cloud update")

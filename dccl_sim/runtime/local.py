@@ -11,7 +11,7 @@ import numpy as np
 from dccl_sim.config import SimConfig
 from dccl_sim.hosts.cloud import CloudHost
 from dccl_sim.hosts.device import DeviceHost
-from dccl_sim.runtime.base import DevicePhase, Runtime
+from dccl_sim.runtime.base import DevicePhase, PackDone, Runtime
 
 
 class LocalRuntime(Runtime):
@@ -35,13 +35,17 @@ class LocalRuntime(Runtime):
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
         return self.cloud.broadcast(round_index, participants)
 
-    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
+    def run_devices(
+        self, handle: Any, packs: list[int], deadline_s: float | None, on_pack_done: PackDone | None = None
+    ) -> DevicePhase:
         phase = DevicePhase()
         start = time.perf_counter()
         for index in packs:
             result = self._packs[index].train_round(handle)
             if deadline_s is not None and time.perf_counter() - start > deadline_s:
                 phase.late_packs.append(index)
-            else:
-                phase.results.append(result)
+                continue
+            phase.results.append(result)
+            if on_pack_done is not None:
+                on_pack_done(index)
         return phase

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.status import Status
+from rich.text import Text
 
 from dccl_sim.config import SimConfig
+from dccl_sim.progress import RoundEta
 from dccl_sim.results import RunDirectoryError
 from dccl_sim.runtime.records import RoundRecord, write_atomically, write_devices, write_rounds
 from dccl_sim.runtime.run_dir import plugin_sources
@@ -130,18 +132,34 @@ class SetupProgress:
         self.show(f"{stage} {done:,} of {total:,} ({elapsed:.0f} s, {eta})")
 
 
+class _EtaColumn(ProgressColumn):
+    """The time left of the rounds (`RoundEta`), "estimating" until the first round has been measured."""
+
+    def __init__(self, eta: RoundEta) -> None:
+        super().__init__()
+        self.eta = eta
+
+    def render(self, task: Task) -> Text:
+        left = self.eta.seconds_left()
+        if left is None:
+            return Text("ETA estimating", style="progress.remaining")
+        minutes, seconds = divmod(round(left), 60)
+        return Text(f"ETA {minutes // 60}:{minutes % 60:02d}:{seconds:02d}", style="progress.remaining")
+
+
 class ProgressDisplay(Observer):
-    """A rich progress bar over rounds, with the current phase and each finished round's headline numbers."""
+    """A rich progress bar over rounds, with the current phase (the device step counting devices done), the time left
+    from the rounds measured so far, and each finished round's headline numbers."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True, log_path=False)  # sentences, not source-file columns
+        self.eta = RoundEta()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("round {task.completed}/{task.total}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            _EtaColumn(self.eta),
             TextColumn("{task.fields[phase]}"),
             console=self.console,
             transient=False,
@@ -152,7 +170,9 @@ class ProgressDisplay(Observer):
 
     def on_phase(self, round_index: int, phase: str) -> None:
         if self.task is not None:
-            self.progress.update(self.task, phase=phase)
+            # drawn at once, so a short phase shows too (a redraw costs under a millisecond; a round has a few phases
+            # and a count update per pack)
+            self.progress.update(self.task, phase=phase, refresh=True)
             return
         # set-up: a line per step, and one status line (updated in place) for the step's progress
         step = phase.split(":")[0]
@@ -172,11 +192,13 @@ class ProgressDisplay(Observer):
         )
         if self.status is not None:
             self.status.stop()
+        self.eta.start(config.rounds - first_round)
         self.progress.start()
         self.task = self.progress.add_task(config.strategy, total=config.rounds, completed=first_round, phase="")
 
     def on_round(self, record: RoundRecord, state: RunState, cloud_state: dict) -> None:
-        self.progress.update(self.task, advance=1, phase="")
+        self.eta.round_finished()
+        self.progress.update(self.task, advance=1, phase="", refresh=True)
         self.progress.console.log(record.summary())
 
     def on_end(self, state: RunState) -> None:

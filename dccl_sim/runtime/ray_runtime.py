@@ -33,7 +33,7 @@ from dccl_sim.config import SimConfig
 from dccl_sim.hosts.cloud import CloudHost, DeviceInfo, ModelCost
 from dccl_sim.hosts.device import DeviceHost
 from dccl_sim.progress import Progress
-from dccl_sim.runtime.base import DevicePhase, Runtime
+from dccl_sim.runtime.base import DevicePhase, PackDone, Runtime
 from dccl_sim.runtime.placement import pack_cpus
 
 # two threads: a progress() call is answered while pretrain() runs (the driver makes no other concurrent calls)
@@ -53,10 +53,14 @@ class CloudWorkerLost(RuntimeError):
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
-    """Fail fast on a `host:port` (or `ray://host:port`) address nobody listens on."""
+    """Fail fast, in milliseconds (`timeout_s` where nothing answers), on a `host:port` or `ray://host:port` address
+    where this driver could not join a Ray cluster; `ray.init` would retry for 20 s, printing a warning a second.
+    A head's `host:port` is its GCS, asked for its cluster id as `ray.init` asks: nobody listening, something else
+    answering (a dashboard's port, a proxy) and a cluster refusing this driver's token are each told apart. A Ray
+    Client address (`ray://`) is only checked for a listener."""
     if address == "auto":
         return
-    hostport = address.split("://", 1)[-1]
+    scheme, _, hostport = address.rpartition("://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise RuntimeStartError(f"Ray address {address!r} is not of the form host:port")
@@ -68,6 +72,39 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
             f"cannot reach a Ray cluster at {address} ({error}); start one with `ray start --head` or drop --address "
             "to run on an embedded local Ray"
         ) from None
+    if not scheme:
+        _ask_gcs(address, timeout_s)
+
+
+def _ask_gcs(address: str, timeout_s: float) -> None:
+    """Ask the GCS at `address` for its cluster id, with this driver's token as `ray.init` sends it (Ray's own gRPC
+    stub and token interceptor: ray is pinned, see pyproject.toml)."""
+    import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import (
+        SyncAuthenticationMetadataClientInterceptor,
+    )
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        gcs = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(
+            grpc.intercept_channel(channel, SyncAuthenticationMetadataClientInterceptor())
+        )
+        try:
+            gcs.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details()
+        else:
+            return
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        raise RuntimeStartError(
+            f"the Ray cluster at {address} uses token authentication and refused this driver ({details}); "
+            "`export RAY_AUTH_MODE=token` and give the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token); see "
+            "cluster/GUIDE.md"
+        )
+    raise RuntimeStartError(
+        f"{address} answers, but is not a Ray cluster's head ({code.name.lower()}: {details}); give the head's "
+        "address, which `ray start --head` prints (port 6379 unless changed; 8265 is the dashboard's)"
+    )
 
 
 def _node_cpus() -> dict[str, int]:
@@ -224,8 +261,7 @@ class RayRuntime(Runtime):
         """Join the cluster at `address`, or start an embedded Ray whose CPUs are this machine's cores plus one per
         cloud worker: on one machine the cloud computes while the devices wait, so its reservation takes no core
         from the device packs."""
-        if self.address:
-            check_reachable(self.address)
+        self.check()
         if ray.is_initialized():
             return
         if self.address:
@@ -247,6 +283,11 @@ class RayRuntime(Runtime):
             )
         self._started_ray = True
         self._added_cpus = 0 if self.address else cloud_workers
+
+    def check(self) -> None:
+        """A Ray cluster answers at `address`, when one is given (`check_reachable`)."""
+        if self.address:
+            check_reachable(self.address)
 
     @property
     def num_cpus(self) -> int:
@@ -341,7 +382,9 @@ class RayRuntime(Runtime):
     def broadcast(self, round_index: int, participants: np.ndarray) -> Any:
         return self._cloud[0].broadcast.remote(round_index, participants)
 
-    def run_devices(self, handle: Any, packs: list[int], deadline_s: float | None) -> DevicePhase:
+    def run_devices(
+        self, handle: Any, packs: list[int], deadline_s: float | None, on_pack_done: PackDone | None = None
+    ) -> DevicePhase:
         phase = DevicePhase()
         self._replace_lost_packs()
         pending = {self._submit(index, handle): index for index in packs}
@@ -363,6 +406,9 @@ class RayRuntime(Runtime):
                     raise
                 phase.failed_packs.append(index)
                 self._lost.add(index)
+                continue
+            if on_pack_done is not None:
+                on_pack_done(index)
         phase.gather_s = time.perf_counter() - first if first is not None else 0.0
         return phase
 

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,25 +68,42 @@ def fresh_out_dir(config: SimConfig) -> SimConfig:
     return config.model_copy(update={"output": config.output.model_copy(update={"out_dir": out_dir})})
 
 
-def claim(out_dir: Path, overwrite: bool) -> None:
-    """Make `out_dir` ready for a fresh run: refuse a path below a file, a folder holding other files than a run's,
-    and a run's finished rounds unless `overwrite` (which clears the folder). A folder holding only a run's
-    config.json (a run that never finished a round) is taken over: nothing is lost."""
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Raise what `claim` would refuse, and a folder this process cannot write in, changing nothing: a run checks this
+    before any heavy work, and claims the folder only once its dataset is ready."""
     for parent in (out_dir, *out_dir.parents):
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"output directory {out_dir}: {parent} is a file, not a folder")
-    if not out_dir.exists():
-        return
-    foreign = sorted(p.name for p in out_dir.iterdir() if not _is_run_file(p))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ConfigError(f"output directory {out_dir} holds files that are not a run's ({shown}); choose a new one")
-    if holds_results(out_dir) and not overwrite:
+    if out_dir.exists():
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _is_run_file(p))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ConfigError(
+                f"output directory {out_dir} holds files that are not a run's ({shown}); choose a new one"
+            )
+        if holds_results(out_dir) and not overwrite:
+            raise ConfigError(
+                f"output directory {out_dir} already holds a run; continue it with `dccl-sim run --resume {out_dir}`, "
+                "replace it with --overwrite (output.overwrite=true), or choose another --out"
+            )
+    # permissions alone do not say it (root ignores them, a read-only mount does not), so try: make and remove a folder
+    # where the run's would go
+    nearest = next(folder for folder in (out_dir, *out_dir.parents) if folder.exists())
+    try:
+        tempfile.TemporaryDirectory(dir=nearest, prefix=".dccl-sim-write-test-").cleanup()
+    except OSError as error:
         raise ConfigError(
-            f"output directory {out_dir} already holds a run; continue it with `dccl-sim run --resume {out_dir}`, "
-            "replace it with --overwrite (output.overwrite=true), or choose another --out"
-        )
-    shutil.rmtree(out_dir)
+            f"output directory {out_dir}: cannot write in {nearest} ({error.strerror}); choose another --out"
+        ) from None
+
+
+def claim(out_dir: Path, overwrite: bool) -> None:
+    """Make `out_dir` ready for a fresh run: refuse a path below a file, a folder holding other files than a run's,
+    a run's finished rounds unless `overwrite` (which clears the folder), and a place this process cannot write in. A
+    folder holding only a run's config.json (a run that never finished a round) is taken over: nothing is lost."""
+    check_out_dir(out_dir, overwrite)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
 
 
 def point_latest(out_dir: Path) -> None:

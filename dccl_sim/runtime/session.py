@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dccl_sim import sizing
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
-from dccl_sim.data.prepare import prepare_run_dataset
+from dccl_sim.data.prepare import check_dataset, prepare_run_dataset
 from dccl_sim.data.store import read_meta
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.results import read_config
@@ -24,7 +24,15 @@ from dccl_sim.runtime.observers import (
     resumable_checkpoint,
 )
 from dccl_sim.runtime.records import device_record_columns, read_devices_records, read_rounds
-from dccl_sim.runtime.run_dir import branch, check_plugins, check_resume, claim, fresh_out_dir, point_latest
+from dccl_sim.runtime.run_dir import (
+    branch,
+    check_out_dir,
+    check_plugins,
+    check_resume,
+    claim,
+    fresh_out_dir,
+    point_latest,
+)
 from dccl_sim.runtime.trackers import make_tracker
 
 
@@ -80,7 +88,12 @@ def run(
 ) -> RunState:
     """Run a simulation into `config.output.out_dir` (a new folder under runs/ when unset; `state.out_dir` says
     which), writing records and checkpoints after every round. A fresh run (no `state`) does not write over another
-    run's rounds unless `output.overwrite`; a resumed run that has finished every round returns at once."""
+    run's rounds unless `output.overwrite`; a resumed run that has finished every round returns at once.
+
+    What would stop the run (no Ray cluster at the address, a built dataset that cannot be read, an output directory
+    that cannot be used) is found first, in seconds; the dataset is prepared next, and only then is the output
+    directory claimed (so a dataset problem never clears an old run under `output.overwrite`) and the runtime started.
+    """
     started = time.perf_counter()
     config = sizing.before_data(config)
     if state is not None and state.next_round >= config.rounds:
@@ -92,20 +105,27 @@ def run(
     tracker = make_tracker(config, state.records if state else ())
     if state is None:
         config = fresh_out_dir(config)
-        claim(Path(config.output.out_dir), config.output.overwrite)
     out_dir = Path(config.output.out_dir)
     runtime = runtime or make_runtime(config)
-    directory = RunDirectory(out_dir, config)
-    # the tracker after the directory, whose on_round completes each record (checkpoint and round times)
-    observers: list[Observer] = [directory, *([tracker] if tracker else [])]
-    point_latest(out_dir)
-    display = ProgressDisplay() if config.output.progress else None
-    observers += [display] if display is not None else []
-    observers += extra_observers or []
+    display = None
     try:
+        runtime.check()
+        check_dataset(config.data)
+        if state is None:
+            check_out_dir(out_dir, config.output.overwrite)
+        display = ProgressDisplay() if config.output.progress else None
+        observers: list[Observer] = [display] if display is not None else []
+        observers += extra_observers or []
         first_round = state.next_round if state else 0
         notify_phase(observers, first_round, "preparing data")
         root = prepare_run_dataset(config, SetupProgress(functools.partial(notify_phase, observers, first_round)))
+        if state is None:
+            claim(out_dir, config.output.overwrite)
+        directory = RunDirectory(out_dir, config)
+        point_latest(out_dir)
+        # first: a round is on disk before any other observer hears of it; then the tracker, as the directory's
+        # on_round completes each record (checkpoint and round times)
+        observers[:0] = [directory, *([tracker] if tracker else [])]
         dataset = Dataset(root, read_meta(root).num_devices)
         config = runtime.resolve(sizing.for_dataset(config, dataset.num_devices))
         directory.record_config(config)  # what `auto` became

@@ -107,8 +107,16 @@ def resolve_source(source: str) -> tuple[DataSource | None, Path | None]:
     known = plugins.builtins(plugins.SOURCE)
     if source in known:
         return known[source], None
-    if Path(source).expanduser().exists():
-        return known["movielens"], Path(source).expanduser()
+    path = Path(source).expanduser()
+    if path.exists():
+        from dccl_sim.data.movielens import ratings_files
+
+        if path.is_dir() and not ratings_files(path):
+            raise ConfigError(
+                f"{source!r} is neither a dataset directory (no meta.json; build one with `dccl-sim data`) nor a "
+                "folder of MovieLens files (u.data, ratings.dat, ratings.csv or a RecBole <name>.inter)"
+            )
+        return known["movielens"], path
     if plugins.is_reference(source):
         return plugins.resolve(plugins.SOURCE, source), None
     if "/" in source or "\\" in source or source.startswith((".", "~")):  # meant as a path
