@@ -2,6 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+# what `make run` needs (the package and its dependencies); what the tests, lint and benchmarks need on top of it
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 # the benchmark's Flower side by side (part 5) runs in an environment of its own: flwr[simulation] pins another Ray
 FLOWER_VENV := .venv-flower
@@ -22,13 +24,17 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(RUN_STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null && echo "keeping installed torch" || \
 		$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	@touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/dccl-sim run $(ARGS)
 
 test: $(STAMP)
@@ -42,7 +48,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format dccl_sim tests experiments examples
 	$(VENV)/bin/ruff check --fix dccl_sim tests experiments examples
 
-data: $(STAMP)
+data: $(RUN_STAMP)
 	$(VENV)/bin/dccl-sim data ml100k --out data/ml100k
 
 # the benchmark harness, package `bench` under experiments/ (see its NOTES.md): writes experiments/bench/results/
