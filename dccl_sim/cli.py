@@ -126,11 +126,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     overrides += ["output.verbose=true"] if args.verbose else []
     points = sweep.build_grid(devices, overrides, args.config, out)
     swept = list(points[0].values)
-    console.print(f"sweep: {len(points)} runs over {', '.join(swept) or 'no axis'} into {out}")
+    how = "each in a fresh process with its own Ray" if args.isolate else "in this process, sharing one Ray"
+    console.print(f"sweep: {len(points)} runs over {', '.join(swept) or 'no axis'} into {out}, {how}")
+
+    def finished(row: dict) -> None:
+        console.print(f"[green]finished[/] {row['run_dir']}: {row['wall_s']:.0f} s ({row['setup_s']:.0f} s of set-up)")
+
     try:
-        rows = sweep.run_sweep(
-            points, out, on_row=lambda row: console.print(f"[green]finished[/] {row['run_dir']}: {row['wall_s']:.0f} s")
-        )
+        rows = sweep.run_sweep(points, out, isolate=args.isolate, on_row=finished)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished points are in {out / 'sweep.parquet'}")
         return 130
@@ -147,6 +150,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*sweep.format_row(row, columns))
     console.print(table)
+    console.print(sweep.summary_line(rows))
     console.print(f"written: {out / 'sweep.parquet'}, {out / sweep.PLOT}, {out / 'sweep.md'}, {out / sweep.HTML}")
     return 0
 
@@ -237,6 +241,11 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep)")
     sweep.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier sweep in --out")
     sweep.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (output.verbose)")
+    sweep.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each point in a fresh process with its own Ray (slower; each point's own set-up and peak memory)",
+    )
     sweep.set_defaults(handler=cmd_sweep)
 
     cache = commands.add_parser("cache", help="show (or clear) what dccl-sim caches: datasets, pretrained clouds")

@@ -9,14 +9,23 @@ runs with `dccl_sim.runtime.session.run` into its own run directory, `OUT/device
 against device count, log-log, and `OUT/sweep.md` and `OUT/sweep.html` (one file, the plot embedded) show the table
 a terminal shows and the plot.
 
-Peak memory. `peak_memory_mb` is the highest proportional set size of the process that ran the point and every
-process it started (an embedded Ray's raylet, object store and workers included), sampled in the background
-(`dccl_sim.runtime.memory`): the whole run, data preparation and pretraining included. Each point runs in a fresh
-(spawned) process so that one point's memory does not carry into the next.
+Shared or isolated. By default every point runs in this process, on one Ray (`dccl_sim.runtime.shared`): imports,
+Ray's start and the ML-100K parse are paid once, and points that share a dataset and pretraining read them from
+the caches under `data.cache_dir` that the first one wrote. Each point still gets new actors, which load its data and
+time its rounds as a single run would; what sharing changes is set-up and memory (docs/design.md §7, "Sweeps").
+`isolate=True` (`--isolate`) runs each point in a fresh (spawned) process that starts its own Ray, as a single
+`dccl-sim run` does: slower, and the way to measure each point's set-up and peak memory on its own.
+
+Peak memory. `peak_memory_mb` is the highest proportional set size, during the point's run, of the process that
+ran it and every process it started (an embedded Ray's raylet, object store and workers included), sampled in the
+background (`dccl_sim.runtime.memory`): data preparation and pretraining included. `start_memory_mb` is that
+process tree's size when the point began: in a shared sweep, the shared Ray and what earlier points left in this
+process, which the peak includes too.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import time
@@ -25,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +45,9 @@ from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_confi
 from dccl_sim.pages import markdown_table, write_html_page
 from dccl_sim.runtime.memory import MemoryMonitor
 from dccl_sim.runtime.run_dir import holds_results
+
+if TYPE_CHECKING:
+    from dccl_sim.runtime.base import Runtime
 
 DEVICES_KEY = "data.num_devices"
 PLOT = "sweep_latency.png"
@@ -124,13 +136,27 @@ def build_grid(
     return points
 
 
-def _run_point(config_json: str) -> dict[str, float]:
-    """Run one point (in a fresh process) and return its peak memory in MiB."""
+def _run_point(config: SimConfig, runtime: Runtime) -> dict[str, Any]:
+    """Run one point on `runtime`: what its sweep row holds beyond its run directory's records."""
     from dccl_sim.runtime.session import run
 
     with MemoryMonitor() as memory:
-        run(SimConfig.model_validate_json(config_json))
-        return {"peak_memory_mb": memory.take_peak()}
+        start_memory = memory.take_peak()
+        state = run(config, runtime=runtime)
+        return {
+            "peak_memory_mb": memory.take_peak(),
+            "start_memory_mb": start_memory,
+            "pretrain_cached": state.pretrain_cached,
+            "ray_session": runtime.session_name,
+        }
+
+
+def _run_isolated(config_json: str) -> dict[str, Any]:
+    """`_run_point` in a fresh process, on the runtime its config names, made anew."""
+    from dccl_sim.runtime.session import make_runtime
+
+    config = SimConfig.model_validate_json(config_json)
+    return _run_point(config, make_runtime(config))
 
 
 def summarize_point(run_dir: Path) -> dict[str, Any]:
@@ -167,32 +193,58 @@ def summarize_point(run_dir: Path) -> dict[str, Any]:
 def run_sweep(
     points: list[SweepPoint],
     out_dir: Path,
-    isolate: bool = True,
+    isolate: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every point in order, writing `sweep.parquet`, the plot and the pages after each (a stopped sweep keeps
-    what finished). `isolate=False` runs points in this process (the peak memory then includes what earlier points left
-    allocated)."""
+    what finished). `isolate`: each point in a fresh process with its own Ray; else all in this one, sharing Ray.
+
+    Beyond `summarize_point`, a row holds `wall_s` (the point from start to end, its process's start and Ray's
+    start and stop included where it pays them), `sweep_elapsed_s` (from the sweep's start to the point's end: the
+    last row's is the sweep's wall time), `isolated`, `ray_session` (the Ray session the point ran on; null
+    in-process), `pretrain_cached` (its pretrained cloud read from the cache) and the memory figures above."""
+    from dccl_sim.runtime.shared import SharedRay  # torch and the runtimes only once a sweep runs
+
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for point in points:
-        tic = time.perf_counter()
-        if isolate:
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                memory = pool.submit(_run_point, point.config.model_dump_json()).result()
-        else:
-            memory = _run_point(point.config.model_dump_json())
-        wall = time.perf_counter() - tic
-        row = {key: _typed(point, key) for key in point.values}
-        row |= summarize_point(Path(point.config.output.out_dir))
-        row |= {"wall_s": wall, **memory, "run_dir": str(Path(point.config.output.out_dir))}
-        rows.append(row)
-        write_table(rows, out_dir / "sweep.parquet")
-        plot_latency(rows, list(point.values), out_dir / PLOT)
-        write_pages(rows, list(point.values), out_dir)
-        if on_row is not None:
-            on_row(row)
+    started = time.perf_counter()
+    with SharedRay() as shared:
+        for point in points:
+            tic = time.perf_counter()
+            if isolate:
+                with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                    measured = pool.submit(_run_isolated, point.config.model_dump_json()).result()
+            else:
+                measured = _run_point(point.config, shared.runtime_for(point.config))
+                gc.collect()  # what the point left in cycles (object references among them) goes before the next
+            row = {key: _typed(point, key) for key in point.values}
+            row |= summarize_point(Path(point.config.output.out_dir))
+            row |= {"wall_s": time.perf_counter() - tic, **measured, "isolated": isolate}
+            row |= {"sweep_elapsed_s": time.perf_counter() - started, "run_dir": str(point.config.output.out_dir)}
+            rows.append(row)
+            write_table(rows, out_dir / "sweep.parquet")
+            plot_latency(rows, list(point.values), out_dir / PLOT)
+            write_pages(rows, list(point.values), out_dir)
+            if on_row is not None:
+                on_row(row)
     return rows
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    """The sweep's wall time, split into set-up, rounds and the rest, and how its points ran."""
+    total = rows[-1]["sweep_elapsed_s"]
+    setup = sum(row["setup_s"] for row in rows)
+    rounds = sum(row["mean_t_round_s"] * row["rounds"] for row in rows)
+    sessions = len({row["ray_session"] for row in rows} - {None})
+    if rows[-1]["isolated"]:
+        how = "each point in a fresh process" + (" with its own Ray" if sessions else "") + " (--isolate)"
+    else:
+        how = "every point in one process" + (f" on {sessions} Ray session{'s' * (sessions > 1)}" if sessions else "")
+        how += "; memory includes what earlier points left (--isolate for each point's own)"
+    return (
+        f"{len(rows)} points in {total:.0f} s: set-up {setup:.0f} s, rounds {rounds:.0f} s, "
+        f"the rest {total - setup - rounds:.0f} s (processes, Ray, writing); {how}"
+    )
 
 
 def _typed(point: SweepPoint, key: str) -> Any:
@@ -272,6 +324,7 @@ def table_columns(swept: list[str]) -> list[tuple[str, str, str]]:
         *columns,
         ("devices", "n_devices", ","),
         ("rounds", "rounds", ""),
+        ("set-up\ns", "setup_s", ".3g"),
         ("round\ns", "mean_t_round_s", ".3g"),
         ("device\ns", "mean_t_devices_s", ".3g"),
         ("distill\ns", "mean_t_distill_s", ".3g"),
@@ -294,8 +347,11 @@ def write_pages(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> 
     columns = table_columns(swept)
     lines = [f"# dccl-sim sweep: `{out_dir.name}`", ""]
     lines += [
-        f"Strategy `{rows[0]['strategy']}`; seconds are means over each point's rounds, memory the peak over its whole "
-        "run (every process it started included). Each point's run is in `devices=N[/KEY=VALUE...]` beside this page.",
+        f"Strategy `{rows[0]['strategy']}`; set-up is each point's time from its start to its first round, the other "
+        "seconds are means over its rounds, memory the peak over its run (every process it started included). Each "
+        "point's run is in `devices=N[/KEY=VALUE...]` beside this page.",
+        "",
+        summary_line(rows) + ".",
         "",
     ]
     lines += markdown_table(

@@ -110,7 +110,9 @@ def test_any_run_command_line_starts_a_run_or_fails_in_one_line(
 
 
 sweep_tokens = st.one_of(
-    st.sampled_from(["--devices", "--set", "--out", "--overwrite", "--config", "10,100", "0", "x,1", ",", "1e3"]),
+    st.sampled_from(
+        ["--devices", "--set", "--out", "--overwrite", "--isolate", "--config", "10,100", "0", "x,1", ",", "1e3"]
+    ),
     st.text(max_size=12),
     overrides.map(lambda o: o[0] if o else "device.local_epochs=1,2"),
 )
@@ -126,11 +128,12 @@ def test_any_sweep_command_line_starts_a_sweep_or_fails_in_one_line(
     """Every grid point is validated before a sweep runs; the sweep itself is replaced by a fake returning rows."""
     from dccl_sim import sweep
 
-    def fake_sweep(points, out_dir, isolate=True, on_row=None):
+    def fake_sweep(points, out_dir, isolate=False, on_row=None):
         return [{"strategy": p.config.strategy, "run_dir": str(p.config.output.out_dir)} for p in points]
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr(sweep, "table_columns", lambda swept: [])
+    monkeypatch.setattr(sweep, "summary_line", lambda rows: "")
     monkeypatch.chdir(tmp_path)
     _succeeds_or_fails_in_one_line(["sweep", *argv], capsys)
 

@@ -282,6 +282,21 @@ def test_ml100k_cache_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     eq(load_movielens(tmp_path / "ml-100k").item_category, [2, 3, 0])
 
 
+def test_ml100k_is_parsed_once_per_process_while_its_files_are_unchanged(tmp_path: Path) -> None:
+    atomic_files(tmp_path / "ml-100k")
+    first = load_ml100k(tmp_path)
+    assert load_ml100k(tmp_path) is first  # a sweep's points share one parse
+    assert not first.user_id.flags.writeable and not first.profiles["age"].flags.writeable  # no build can change it
+    with pytest.raises(ValueError, match="read-only"):
+        first.timestamp[0] = 0
+    # a changed file is read again
+    inter = tmp_path / "ml-100k" / "ml-100k.inter"
+    inter.write_text(inter.read_text() + "1\t7\t4\t30\n")
+    again = load_ml100k(tmp_path)
+    assert again is not first
+    eq(again.item_id, [5, 6, 7])
+
+
 def test_ml100k_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" in command

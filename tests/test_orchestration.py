@@ -54,7 +54,7 @@ class FakeCloud:
 
     def pretrain(self, cache_dir: str | None, on_progress=None) -> dict[str, float]:
         self.calls.append(("pretrain",))
-        return {}
+        return {"pretrain_loss": 0.0, "pretrain_cached": 0.0}
 
     def load_state(self, state: dict) -> None:
         self.loaded = state

@@ -20,6 +20,7 @@ naming the file, and the line where it is known.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import subprocess
@@ -102,7 +103,20 @@ def load_ml100k(cache_dir: Path) -> RawDataset:
     folder = Path(cache_dir).expanduser() / "ml-100k"
     if not all((folder / name).is_file() for name in ML100K_FILES):
         _fetch_ml100k(folder)
-    return _load_atomic(folder / ML100K_FILES[0])
+    stamps = tuple((os.stat(folder / name).st_mtime_ns, os.stat(folder / name).st_size) for name in ML100K_FILES)
+    return _load_ml100k_once(folder.resolve(), stamps)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_ml100k_once(folder: Path, stamps: tuple[tuple[int, int], ...]) -> RawDataset:
+    """The cached files parsed once per process while they are unchanged (`stamps`: their times and sizes), so the
+    points of a sweep share one load. Its arrays are read-only: no build may change what the next one reads."""
+    raw = _load_atomic(folder / ML100K_FILES[0])
+    for array in (raw.user_id, raw.item_id, raw.timestamp, raw.item_ids, raw.item_category, raw.user_ids):
+        array.flags.writeable = False
+    for array in raw.profiles.values():
+        array.flags.writeable = False
+    return raw
 
 
 def load_movielens(path: Path) -> RawDataset:

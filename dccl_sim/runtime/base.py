@@ -32,7 +32,9 @@ class DevicePhase:
 class Cloud(Protocol):
     """What the round loop asks of the cloud (the `CloudHost`'s methods, called where the cloud lives)."""
 
-    def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]: ...
+    def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]:
+        """Pretrain (or read the cached pretrained models): `pretrain_loss`, `pretrain_cached` (1.0 when read)."""
+
     def load_state(self, state: dict[str, object]) -> None: ...
     def device_info(self) -> DeviceInfo: ...
     def model_cost(self) -> ModelCost: ...
@@ -44,6 +46,9 @@ class Cloud(Protocol):
 
 class Runtime(ABC):
     """Where the cloud and the device packs live. It moves data and never does math."""
+
+    # the Ray session (`ray.get_runtime_context().get_session_name()`) the runtime ran on; None in-process
+    session_name: str | None = None
 
     @abstractmethod
     def start(self, config: SimConfig, dataset_root: str, packs: list[np.ndarray]) -> None:

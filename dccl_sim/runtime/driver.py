@@ -39,6 +39,8 @@ class RunState:
     device_frames: list[dict[str, np.ndarray]] = field(default_factory=list)
     cloud_state: dict | None = None
     out_dir: Path | None = None  # the run directory, once the run has one
+    # whether this run's pretrained cloud came from the cache (`CloudHost.pretrain`); None when resumed (no pretraining)
+    pretrain_cached: bool | None = None
 
     @property
     def next_round(self) -> int:
@@ -133,7 +135,8 @@ def _run(
     if state.cloud_state is None:
         notify_phase(observers, state.next_round, "pretraining the cloud model")
         progress = SetupProgress(functools.partial(notify_phase, observers, state.next_round))
-        cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"), progress)
+        pretrained = cloud.pretrain(str(config.data.cache_dir.expanduser() / "pretrained"), progress)
+        state.pretrain_cached = bool(pretrained["pretrain_cached"])
     else:
         cloud.load_state(state.cloud_state)
     # the plain broadcast model W_t (θ̂ = 0, no starting patch) is the cloud model as the previous round left it:

@@ -42,6 +42,7 @@ CLOUD_START_TIMEOUT_S = 300.0  # the placement group waits this long for the clo
 PROGRESS_POLL_S = 0.5
 DeviceActor = ray.remote(max_restarts=0, max_task_retries=0)(DeviceHost)
 REPLACE_WAIT_S = 300.0  # how long a round waits for the new actors of packs lost in the last one
+RELEASE_WAIT_S = 10.0  # how long a kept Ray's `shutdown` waits for the ended actors' CPUs (others may take them)
 
 
 class RuntimeStartError(RuntimeError):
@@ -244,11 +245,17 @@ def _lost_worker(calls: list[Any], wait_s: float = 10.0) -> int | None:
 class RayRuntime(Runtime):
     """Runs the roles as Ray actors: embedded local Ray by default, or an existing cluster at `address`."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
-        """`verbose`: Ray's own INFO and WARNING lines too (only its errors otherwise: a user cannot act on them)."""
+    def __init__(
+        self, address: str | None = None, num_cpus: int | None = None, verbose: bool = False, keep_ray: bool = False
+    ) -> None:
+        """`verbose`: Ray's own INFO and WARNING lines too (only its errors otherwise: a user cannot act on them).
+        `keep_ray`: `shutdown()` ends the run's actors but leaves the Ray it started (or joined) running for the next
+        run on this runtime, as a sweep's points do; `close()` stops it."""
         self.address = address if address is not None else os.environ.get("RAY_ADDRESS")
         self._log_level = logging.INFO if verbose else logging.ERROR
         self._requested_cpus = num_cpus
+        self._keep_ray = keep_ray
+        self._idle_cpus = 0.0  # CPUs free before `start` made this run's actors: what `shutdown` waits to see again
         self._started_ray = False
         self._added_cpus = 0  # CPUs an embedded Ray counts beyond the cores, for the cloud's reservation
         self._cloud: list[Any] = []
@@ -263,6 +270,7 @@ class RayRuntime(Runtime):
         from the device packs."""
         self.check()
         if ray.is_initialized():
+            self.session_name = ray.get_runtime_context().get_session_name()
             return
         if self.address:
             try:
@@ -283,6 +291,7 @@ class RayRuntime(Runtime):
             )
         self._started_ray = True
         self._added_cpus = 0 if self.address else cloud_workers
+        self.session_name = ray.get_runtime_context().get_session_name()
 
     def check(self) -> None:
         """A Ray cluster answers at `address`, when one is given (`check_reachable`)."""
@@ -319,6 +328,7 @@ class RayRuntime(Runtime):
         workers = self.cloud_workers(config)
         self._init_ray(workers)
         cpus = float(ray.cluster_resources().get("CPU", 1))
+        self._idle_cpus = float(ray.available_resources().get("CPU", 0.0))
         cloud_cpus = cloud_cpus_each(cpus, workers)
         # a pack's threads come from all the cores (the cloud's are idle while the devices train); its reservation
         # from the CPUs the cloud leaves
@@ -449,12 +459,25 @@ class RayRuntime(Runtime):
         ray.kill(self._packs[index], no_restart=True)
 
     def shutdown(self) -> None:
+        """End the run's actors and its placement group, then stop the Ray this runtime started (unless `keep_ray`:
+        then wait, up to `RELEASE_WAIT_S`, until the CPUs they held are free again, so that the next run starts on
+        a cluster as idle as this one found it, with none of these processes' memory still counted)."""
+        ran = bool(self._cloud or self._packs)
         for actor in [*self._cloud, *self._packs]:
             ray.kill(actor)
-        self._cloud, self._packs = [], []
+        self._cloud, self._packs, self._lost, self._new_pack = [], [], set(), None
         if self._cloud_group is not None:
             remove_placement_group(self._cloud_group)
             self._cloud_group = None
+        if not self._keep_ray:
+            self.close()
+            return
+        deadline = time.perf_counter() + RELEASE_WAIT_S
+        while ran and ray.available_resources().get("CPU", 0.0) < self._idle_cpus and time.perf_counter() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        """Stop the Ray this runtime started (a joined cluster keeps running)."""
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

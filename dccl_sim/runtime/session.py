@@ -36,12 +36,13 @@ from dccl_sim.runtime.run_dir import (
 from dccl_sim.runtime.trackers import make_tracker
 
 
-def make_runtime(config: SimConfig) -> Runtime:
+def make_runtime(config: SimConfig, keep_ray: bool = False) -> Runtime:
+    """The runtime `config` asks for; `keep_ray`: a Ray one leaves Ray running after the run (see `RayRuntime`)."""
     if config.runtime.backend == "local":
         return LocalRuntime()
     from dccl_sim.runtime.ray_runtime import RayRuntime  # Ray only when asked for
 
-    return RayRuntime(address=config.runtime.address, verbose=config.output.verbose)
+    return RayRuntime(address=config.runtime.address, verbose=config.output.verbose, keep_ray=keep_ray)
 
 
 def resume_state(run_dir: Path, overrides: list[str], branch_to: Path | None = None) -> tuple[SimConfig, RunState]:

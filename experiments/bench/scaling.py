@@ -78,7 +78,7 @@ def measure(
         points = build_grid([str(n) for n in todo], list(overrides), out_dir=out)
         done: list[dict[str, Any]] = []
         try:
-            run_sweep(points, out, on_row=done.append)
+            run_sweep(points, out, isolate=True, on_row=done.append)
         except Exception as error:  # a point's process dying (out of memory, say) takes the sweep down: record, go on
             broken = todo[len(done)]
             failed[broken] = f"failed: {type(error).__name__}: {error}"
