@@ -332,7 +332,7 @@ COMPARED = ("start_gauc", "device_gauc", "cloud_gauc", "tail_device_gauc", "devi
 
 
 def _tiny_run(tmp_path: Path, name: str, *overrides: str, cache: str | None = None):
-    cache_dir = tmp_path / (cache or name) / "cache"
+    cache_dir = tmp_path / f"{cache or name}-cache"  # beside the run directory: a run claims its folder whole
     config = load_config(None, [*TINY, f"data.cache_dir={cache_dir}", f"output.out_dir={tmp_path / name}", *overrides])
     return run(config)
 
