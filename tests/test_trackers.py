@@ -14,7 +14,8 @@ import pytest
 from conftest import TINY_RUN
 
 from dccl_sim.cli import main
-from dccl_sim.config import ConfigError, load_config
+from dccl_sim.config import ConfigError, SimConfig, load_config
+from dccl_sim.runtime import session
 from dccl_sim.runtime.session import resume_state, run
 from dccl_sim.runtime.trackers import mlflow_name
 
@@ -163,6 +164,9 @@ def test_a_missing_package_fails_in_one_line_before_any_work(
 ) -> None:
     for module in modules:  # as if not installed: `import` of a None entry fails
         monkeypatch.setitem(sys.modules, module, None)
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # the suite's shared Ray, if any
+    runtimes: list[SimConfig] = []
+    monkeypatch.setattr(session, "make_runtime", runtimes.append)
     out, cache = tmp_path / "run", tmp_path / "cache"
     out.mkdir()
     (out / "rounds.parquet").write_bytes(b"an earlier run's rounds")
@@ -174,7 +178,8 @@ def test_a_missing_package_fails_in_one_line_before_any_work(
     assert f"output.tracker = {tracker} needs" in error and f"pip install 'dccl-sim[{tracker}]'" in error
     # before any work: no data prepared, no Ray started, and the run to be overwritten is still there
     assert not cache.exists()
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not runtimes  # no runtime made: Ray neither started nor joined
+    assert ray_was_up or "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert (out / "rounds.parquet").read_bytes() == b"an earlier run's rounds"
 
 
