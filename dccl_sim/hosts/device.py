@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dccl_sim import metrics, sizing
-from dccl_sim.algorithms.cloud_steps import first_hidden_of
+from dccl_sim.algorithms.cloud_steps import features_of, first_hidden_of
 from dccl_sim.algorithms.full_ranking import FullRanker
 from dccl_sim.algorithms.metapatch_step import LocalSamples
 from dccl_sim.algorithms.protocol import Broadcast, PackResult, load_numpy_state, merge_packs
@@ -24,7 +24,7 @@ from dccl_sim.data.device_data import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Devi
 from dccl_sim.data.store import read_meta
 from dccl_sim.hosts.loading import load_devices, model_spec
 from dccl_sim.models.factory import Models, build_models
-from dccl_sim.models.training import import_optimizer_modules, predict
+from dccl_sim.models.training import import_optimizer_modules
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime.placement import chunk_bounds
 
@@ -138,7 +138,7 @@ class DeviceHost:
         if broadcast.patch_state is not None:
             load_numpy_state(self.models.patch, broadcast.patch_state)
         self._ranker = self._copy = None  # built from the broadcast model when first needed
-        self._scoring_kept: dict = {}  # what evaluation scoring derived from this broadcast model
+        self._scoring_kept = {}  # what evaluation scoring derived from this broadcast model
 
     @property
     def full_ranking(self) -> bool:
@@ -192,10 +192,10 @@ class DeviceHost:
     def eval_samples(self, device_ids: np.ndarray) -> RoundSamples:
         return dataclasses.replace(group_by_device(self.data, device_ids, self.eval_mask), for_metrics=True)
 
-    def cloud_scores(self, samples: RoundSamples) -> np.ndarray:
-        """Logits of the broadcast model itself on the samples."""
+    def features(self, samples: RoundSamples) -> torch.Tensor:
+        """The top-MLP inputs x of the broadcast model on the samples (constant while W is frozen)."""
         with self._scoring(samples):
-            return predict(self.models.cloud, self.data, samples.indices, history_len=self.config.data.history_len)
+            return features_of(self.models.cloud, self.data, samples.indices, self.config.data.history_len)
 
     def z0(self, samples: RoundSamples) -> torch.Tensor:
         """The first hidden output of the broadcast model on the samples (constant while W is frozen)."""

@@ -11,7 +11,6 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from dccl_sim.algorithms.cloud_steps import features_of
 from dccl_sim.algorithms.coda import (
     Augmentation,
     Candidates,
@@ -107,7 +106,7 @@ class CoDA(MetaPatch):
         clock = Stopwatch()
         model = device.models.cloud
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
-        local_x = features_of(model, device.data, local.indices, self.config.data.history_len)
+        local_x = device.features(local)
         samples = device.patch_samples(device_ids, local, local_x)
         x, label, counts = broadcast.payload.of(broadcast.participants, device_ids)
         theta_start = self.start_theta(broadcast, device_ids)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dccl_sim.algorithms.cloud_steps import features_of
 from dccl_sim.algorithms.copies import train_copy
 from dccl_sim.algorithms.protocol import Broadcast, PackResult
 from dccl_sim.context import RoundContext
@@ -25,12 +24,10 @@ class LocalFinetune(CloudOnly):
         self, device: DeviceHost, ctx: RoundContext, broadcast: Broadcast, device_ids: np.ndarray
     ) -> PackResult:
         clock = Stopwatch()
-        model, data, history_len = device.models.cloud, device.data, self.config.data.history_len
+        model = device.models.cloud
         local, evaluation = device.local_samples(device_ids, ctx.round), device.eval_samples(device_ids)
-        x_local = features_of(model, data, local.indices, history_len)
-        with model.scoring_for_metrics():
-            x_eval = features_of(model, data, evaluation.indices, history_len)
-        label = torch.from_numpy(data.label[local.indices].astype(np.float32))
+        x_local, x_eval = device.features(local), device.features(evaluation)
+        label = torch.from_numpy(device.data.label[local.indices].astype(np.float32))
         personal = np.empty(len(evaluation.indices), dtype=np.float32)
         base = dict(model.named_parameters())
         trained = np.zeros(len(device_ids), dtype=np.int64)
