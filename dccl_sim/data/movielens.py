@@ -103,7 +103,7 @@ def load_ml100k(cache_dir: Path) -> RawDataset:
     folder = Path(cache_dir).expanduser() / "ml-100k"
     if not all((folder / name).is_file() for name in ML100K_FILES):
         _fetch_ml100k(folder)
-    stamps = tuple((os.stat(folder / name).st_mtime_ns, os.stat(folder / name).st_size) for name in ML100K_FILES)
+    stamps = tuple((stat.st_mtime_ns, stat.st_size) for stat in (os.stat(folder / name) for name in ML100K_FILES))
     return _load_ml100k_once(folder.resolve(), stamps)
 
 
