@@ -268,10 +268,10 @@ class RayRuntime(Runtime):
         """Join the cluster at `address`, or start an embedded Ray whose CPUs are this machine's cores plus one per
         cloud worker: on one machine the cloud computes while the devices wait, so its reservation takes no core
         from the device packs."""
+        self.check()
         if ray.is_initialized():
             self.session_name = ray.get_runtime_context().get_session_name()
             return
-        self.check()  # only where Ray is to be started or joined: each call probes the address over the network
         if self.address:
             try:
                 ray.init(address=self.address, log_to_driver=True, logging_level=self._log_level)
