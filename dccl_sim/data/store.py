@@ -231,6 +231,20 @@ def read_devices(
     return data
 
 
+def samples_per_device(root: str, evaluated: np.ndarray | None = None) -> np.ndarray:
+    """How many samples each device holds once loaded (all splits, negatives included), from devices.parquet alone:
+    each training positive with `train_negatives` negatives, each validation or test positive with
+    `eval_negatives`; with `evaluated` (sorted ids), the others' evaluation samples count as dropped on load."""
+    meta = read_meta(root)
+    fs, path = _filesystem(str(root))
+    devices = _read(fs, f"{path}/devices.parquet", None).sort_by("device_id")
+    n_train = devices["n_train"].to_numpy().astype(np.int64)
+    n_eval = devices["n_interactions"].to_numpy().astype(np.int64) - n_train
+    if evaluated is not None:
+        n_eval[~np.isin(np.arange(len(n_eval)), evaluated)] = 0
+    return n_train * (1 + meta.train_negatives) + n_eval * (1 + meta.eval_negatives)
+
+
 def new_temp_path(root: str) -> str:
     """A sibling of `root` to build into before an atomic rename."""
     return f"{root}.tmp-{uuid.uuid4().hex[:8]}"

@@ -20,6 +20,7 @@ import numpy as np
 from dccl_sim import metrics
 from dccl_sim.algorithms.protocol import concat_columns, result_columns
 from dccl_sim.config import SimConfig
+from dccl_sim.hosts.loading import device_work
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime import latency
 from dccl_sim.runtime.base import Runtime
@@ -128,7 +129,7 @@ def _run(
 ) -> None:
     strategy: Strategy = resolve(STRATEGY, config.strategy)(config)
     num_devices = dataset.num_devices
-    packs = plan_packs(num_devices, config.runtime, runtime.device_cpus(config))
+    packs = plan_packs(num_devices, config.runtime, runtime.device_cpus(config), device_work(config, dataset.root))
     notify_phase(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
     runtime.start(config, dataset.root, packs)
     cloud = runtime.cloud

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 
@@ -23,12 +24,24 @@ def num_packs(num_devices: int, config: RuntimeConfig, cpus: int) -> int:
     return max(1, min(num_devices, wanted))
 
 
-def plan_packs(num_devices: int, config: RuntimeConfig, cpus: int) -> list[np.ndarray]:
-    """Split device ids 0..N-1 into contiguous, nearly equal packs."""
-    return [
-        np.asarray(p, dtype=np.int64)
-        for p in np.array_split(np.arange(num_devices), num_packs(num_devices, config, cpus))
-    ]
+def plan_packs(num_devices: int, config: RuntimeConfig, cpus: int, work: np.ndarray | None = None) -> list[np.ndarray]:
+    """Split device ids 0..N-1 into contiguous packs: of nearly equal total `work` (each device's, e.g. the samples
+    it holds) where given and `devices_per_actor` is `auto`, else of nearly equal size. A round's device phase lasts
+    as long as its slowest pack: on ML-100K, equal sizes gave the first of two packs 15% more samples and 29% more
+    time (9.1 s against 7.0 s a round)."""
+    packs = num_packs(num_devices, config, cpus)
+    if work is None or config.devices_per_actor != "auto" or packs == 1 or float(np.sum(work)) <= 0:
+        return [np.asarray(p, dtype=np.int64) for p in np.array_split(np.arange(num_devices), packs)]
+    total = np.cumsum(np.asarray(work, dtype=np.float64))
+    cuts = [0]
+    for i in range(1, packs):
+        # the cut whose prefix of work is nearest i/packs of the whole, leaving every pack at least one device
+        k = int(np.searchsorted(total, total[-1] * i / packs))
+        if k > 0 and total[-1] * i / packs - total[k - 1] < total[k] - total[-1] * i / packs:
+            k -= 1
+        cuts.append(min(max(k + 1, cuts[-1] + 1), num_devices - (packs - i)))
+    cuts.append(num_devices)
+    return [np.arange(lo, hi, dtype=np.int64) for lo, hi in pairwise(cuts)]
 
 
 def pack_cpus(free: list[float], packs: int) -> float:
