@@ -84,8 +84,10 @@ def test_a_ray_run_shows_its_phases_devices_done_and_a_time_left_in_plain_senten
     assert later and all(CLOCK.search(line) for line in later), later
     for round_bars in (first, [line for line in later if "round 1/2" in line]):
         phases = [line.split("ETA ", 1)[1] for line in round_bars]
-        for phase in ("broadcast", "device step: 0 of 8 devices done", "device step: 4 of 8 devices done"):
+        for phase in ("broadcast", "device step: 0 of 8 devices done"):
             assert any(phase in line for line in phases), (phase, phases)
+        # one pack's devices done before the other's (packs balance work, so not necessarily half of the 8)
+        assert any(re.search(r"device step: [1-7] of 8 devices done", line) for line in phases), phases
         assert any("device step: 8 of 8 devices done" in line for line in phases)
         assert any("cloud update" in line for line in phases) and any("evaluation" in line for line in phases)
     # sentences: no `observers.py:180`-style source column, and none of Ray's own lines (its log prefixes, its
