@@ -201,8 +201,10 @@ def test_a_lost_node_loses_its_devices_for_a_round_and_the_run_goes_on(tmp_path:
         )
         _check(result, cluster)
     rounds = pq.read_table(out / "rounds.parquet").to_pydict()
-    assert rounds["n_failed"] == [1, 0, 0] and rounds["failed_devices"] == [4, 0, 0]  # pack 0: devices 0-3
-    assert rounds["n_participants"] == [4, 8, 8] and rounds["n_stragglers"] == [4, 0, 0]
+    # pack 0's devices (packs balance the devices' samples, so not necessarily half of the 8)
+    lost = rounds["failed_devices"][0]
+    assert rounds["n_failed"] == [1, 0, 0] and 0 < lost < 8 and rounds["failed_devices"] == [lost, 0, 0]
+    assert rounds["n_participants"] == [8 - lost, 8, 8] and rounds["n_stragglers"] == [lost, 0, 0]
 
 
 def test_a_plugin_strategy_reaches_every_node(
