@@ -20,7 +20,6 @@ import numpy as np
 from dccl_sim import metrics
 from dccl_sim.algorithms.protocol import concat_columns, result_columns
 from dccl_sim.config import SimConfig
-from dccl_sim.hosts.loading import device_work
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.runtime import latency
 from dccl_sim.runtime.base import Runtime
@@ -89,12 +88,14 @@ class _DevicesDone:
         notify_phase(self.observers, self.round_index, f"device step: {self.done:,} of {self.total:,} devices done")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
-    """The prepared dataset a run reads: its directory and how many devices it holds."""
+    """The prepared dataset a run reads: its directory, how many devices it holds and, where known, the samples each
+    one's host will hold (`hosts.loading.device_work`), which the packs are balanced on."""
 
     root: str
     num_devices: int
+    device_work: np.ndarray | None = None
 
 
 def run_rounds(
@@ -129,7 +130,7 @@ def _run(
 ) -> None:
     strategy: Strategy = resolve(STRATEGY, config.strategy)(config)
     num_devices = dataset.num_devices
-    packs = plan_packs(num_devices, config.runtime, runtime.device_cpus(config), device_work(config, dataset.root))
+    packs = plan_packs(num_devices, config.runtime, runtime.device_cpus(config), dataset.device_work)
     notify_phase(observers, state.next_round, f"starting the cloud and {len(packs)} device packs")
     runtime.start(config, dataset.root, packs)
     cloud = runtime.cloud

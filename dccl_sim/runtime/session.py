@@ -10,6 +10,7 @@ from dccl_sim import sizing
 from dccl_sim.config import ConfigError, SimConfig, apply_overrides, build_config
 from dccl_sim.data.prepare import check_dataset, prepare_run_dataset
 from dccl_sim.data.store import read_meta
+from dccl_sim.hosts.loading import device_work
 from dccl_sim.plugins import STRATEGY, resolve
 from dccl_sim.results import read_config
 from dccl_sim.runtime.base import Runtime
@@ -127,9 +128,10 @@ def run(
         # first: a round is on disk before any other observer hears of it; then the tracker, as the directory's
         # on_round completes each record (checkpoint and round times)
         observers[:0] = [directory, *([tracker] if tracker else [])]
-        dataset = Dataset(root, read_meta(root).num_devices)
-        config = runtime.resolve(sizing.for_dataset(config, dataset.num_devices))
+        num_devices = read_meta(root).num_devices
+        config = runtime.resolve(sizing.for_dataset(config, num_devices))
         directory.record_config(config)  # what `auto` became
+        dataset = Dataset(root, num_devices, device_work(config, root))
         state = run_rounds(config, runtime, dataset, observers, state, started)
         state.out_dir = out_dir
         return state
