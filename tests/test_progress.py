@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN
+from ray.experimental import internal_kv
 
+from dccl_sim.config import load_config
 from dccl_sim.progress import RoundEta
+from dccl_sim.runtime.observers import Observer
+from dccl_sim.runtime.session import run
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CLOCK = re.compile(r"ETA \d+:\d\d:\d\d")
@@ -96,3 +100,28 @@ def test_a_ray_run_shows_its_phases_devices_done_and_a_time_left_in_plain_senten
     assert not re.search(r"\b\w+\.py:\d+", shown), shown
     for ray_line in ("(pid=", "(raylet)", "Host pid=", "Started a local Ray instance", " W ", "WARNING", "INFO"):
         assert ray_line not in shown, (ray_line, shown)
+
+
+def test_a_ray_cloud_reports_its_set_up_progress_while_it_pretrains(tmp_path: Path, ray_session) -> None:
+    """The cloud actor runs one call at a time (one thread for torch's OpenMP), so the driver reads pretraining's
+    progress from Ray's key-value store, where the actor writes it: both set-up steps are heard of, counting up to
+    the whole step, and the key is gone afterwards."""
+
+    class Phases(Observer):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_phase(self, round_index: int, phase: str) -> None:
+            self.seen.append(phase)
+
+    phases = Phases()
+    overrides = ["rounds=1", "runtime.num_actors=1", "cloud.pretrain_epochs=40", "patch.bootstrap_epochs=40"]
+    config = load_config(None, [*TINY_RUN, f"output.out_dir={tmp_path / 'run'}", *overrides])
+    run(config, extra_observers=[phases])
+    pattern = re.compile(r"(pretraining|bootstrapping the patch generator): minibatch ([\d,]+) of ([\d,]+) .*")
+    reports = [m.groups() for m in map(pattern.fullmatch, phases.seen) if m]
+    for stage in ("pretraining", "bootstrapping the patch generator"):
+        counts = [(int(done.replace(",", "")), int(total.replace(",", ""))) for s, done, total in reports if s == stage]
+        assert counts and counts == sorted(counts), (stage, phases.seen)
+    assert counts[-1][0] == counts[-1][1] > 0  # the last step's end
+    assert not internal_kv._internal_kv_list("dccl-sim:progress:")

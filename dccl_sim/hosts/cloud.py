@@ -4,6 +4,7 @@ cloud step and broadcast payload run on it."""
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -113,7 +114,6 @@ class CloudHost:
         self.bucket_of_device = metrics.activity_buckets(self.data.n_train, config.metrics.bucket_quantiles)
         self.strategy = resolve(STRATEGY, config.strategy)(config)
         self.strategy.start_cloud(self)
-        self._progress: tuple[str, int, int] = ("", 0, 0)
 
     def join_workers(self, init_method: str, rank: int, workers: int) -> None:
         """Become worker `rank` of the cloud's `workers` data-parallel processes (docs/scale-out.md): every training
@@ -139,7 +139,7 @@ class CloudHost:
         """Central pretraining on every device's pretraining window, then bootstrapping G (docs/design.md §4).
 
         Cached by everything that decides the result, so strategies compared on one dataset and seed share it.
-        `on_progress(stage, done, total)` hears of every minibatch; `progress()` answers the same while it runs."""
+        `on_progress(stage, done, total)` hears of every minibatch."""
         path = Path(cache_dir) / f"{self._pretrain_key()}.pt" if cache_dir else None
         if path is not None and path.is_file():
             state = torch.load(path, weights_only=False)
@@ -182,17 +182,10 @@ class CloudHost:
             temp.replace(path)
         return {"pretrain_loss": loss, "pretrain_cached": 0.0}
 
-    def _reporter(self, stage: str, on_progress: Progress | None) -> Callable[[int, int], None]:
-        def report(done: int, total: int) -> None:
-            self._progress = (stage, done, total)
-            if on_progress is not None:
-                on_progress(stage, done, total)
-
-        return report
-
-    def progress(self) -> tuple[str, int, int]:
-        """(stage, minibatches done, minibatches in all) of the set-up step running now (pretraining, bootstrapping)."""
-        return self._progress
+    def _reporter(self, stage: str, on_progress: Progress | None) -> Callable[[int, int], None] | None:
+        if on_progress is None:
+            return None
+        return functools.partial(on_progress, stage)
 
     def _pretrain_key(self) -> str:
         """What decides pretraining: the seed, the models' and pretraining's settings, the pretraining samples

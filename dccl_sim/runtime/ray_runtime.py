@@ -13,6 +13,7 @@ same arguments and they train data-parallel (docs/scale-out.md); what only reads
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import AuthenticationError, RayActorError, RayTaskError
+from ray.experimental import internal_kv
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -36,8 +38,11 @@ from dccl_sim.progress import Progress
 from dccl_sim.runtime.base import DevicePhase, PackDone, Runtime
 from dccl_sim.runtime.placement import pack_cpus
 
-# two threads: a progress() call is answered while pretrain() runs (the driver makes no other concurrent calls)
-CloudActor = ray.remote(max_concurrency=2)(CloudHost)
+# one call at a time, every one on the actor's main thread: torch's OpenMP keeps one team of threads. With calls on
+# two threads (max_concurrency=2, once used so that pretraining could answer progress calls) each thread got a team
+# of its own, libgomp saw more threads than cores and put its workers to sleep between parallel regions: the 10^5
+# devices' cloud update took 32-37 s against 21 s (docs/scale-out.md)
+CloudActor = ray.remote(CloudHost)
 CLOUD_START_TIMEOUT_S = 300.0  # the placement group waits this long for the cloud workers' CPUs
 PROGRESS_POLL_S = 0.5
 DeviceActor = ray.remote(max_restarts=0, max_task_retries=0)(DeviceHost)
@@ -155,6 +160,21 @@ def actor_env(threads: int, modules: list[str]) -> dict:
     return env
 
 
+class _ProgressToStore:
+    """A cloud worker's `on_progress` during pretraining: the latest (stage, done, total) into Ray's key-value store
+    under `key`, at most twice per poll of the driver's, where the driver reads it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._written = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._written >= PROGRESS_POLL_S / 2 or done == total:
+            self._written = now
+            internal_kv._internal_kv_put(self.key, json.dumps([stage, done, total]))
+
+
 class _RemoteCloud:
     """The cloud's worker actors behind the `Cloud` interface: each call waits for its value. Calls that change the
     cloud go to every worker (their arguments put in the object store once); the others to worker 0."""
@@ -192,14 +212,23 @@ class _RemoteCloud:
         return ray.get(calls[0])
 
     def pretrain(self, cache_dir: str | None, on_progress: Progress | None = None) -> dict[str, float]:
-        """Waits for pretraining, asking worker 0 (a second thread of it) how far it is every half second."""
+        """Waits for pretraining, reading how far it is from Ray's key-value store every half second (the workers,
+        busy with it, answer no call meanwhile)."""
+        if on_progress is None:
+            return self._on_all("pretrain", cache_dir)
+        reporter = _ProgressToStore(f"dccl-sim:progress:{os.getpid()}:{time.time_ns()}")
 
         def report() -> None:
-            stage, batches, total = ray.get(self._actor.progress.remote())
-            if total and on_progress is not None:
-                on_progress(stage, batches, total)
+            latest = internal_kv._internal_kv_get(reporter.key)
+            if latest:
+                on_progress(*json.loads(latest))
 
-        return self._on_all("pretrain", cache_dir, on_wait=report)
+        try:
+            done = self._on_all("pretrain", cache_dir, reporter, on_wait=report)
+            report()  # the last step's end, written after the last poll
+            return done
+        finally:
+            internal_kv._internal_kv_del(reporter.key)
 
     def load_state(self, state: dict[str, object]) -> None:
         self._on_all("load_state", state)
