@@ -116,6 +116,7 @@ def test_a_ray_cloud_reports_its_set_up_progress_while_it_pretrains(tmp_path: Pa
 
     phases = Phases()
     overrides = ["rounds=1", "runtime.num_actors=1", "cloud.pretrain_epochs=40", "patch.bootstrap_epochs=40"]
+    overrides.append(f"data.cache_dir={tmp_path / 'cache'}")  # pretrained here, not found in a cache
     config = load_config(None, [*TINY_RUN, f"output.out_dir={tmp_path / 'run'}", *overrides])
     run(config, extra_observers=[phases])
     pattern = re.compile(r"(pretraining|bootstrapping the patch generator): minibatch ([\d,]+) of ([\d,]+) .*")
