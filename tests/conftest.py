@@ -15,6 +15,7 @@ from dccl_sim.data.build import BuiltDataset, build_dataset
 from dccl_sim.data.movielens import load_ml100k
 from dccl_sim.data.raw import RawDataset
 from dccl_sim.data.synthetic import generate_synthetic
+from dccl_sim.runtime.observers import Observer
 
 # the smallest real run the round-loop tests use: 8 ML-100K users, 9 negatives per evaluation positive, one epoch
 # of pretraining and bootstrapping, no progress display (each file adds rounds and the runtime it needs)
@@ -139,3 +140,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
             yield S3(endpoint, home / "cache")
     finally:
         server.stop()
+
+
+class PhaseRecorder(Observer):
+    """Keeps every phase line a run announces (`on_phase`), in order, in `seen`."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_phase(self, round_index: int, phase: str) -> None:
+        self.seen.append(phase)

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, PhaseRecorder
 from ray.experimental import internal_kv
 
 from dccl_sim.config import load_config
 from dccl_sim.progress import RoundEta
-from dccl_sim.runtime.observers import Observer
 from dccl_sim.runtime.session import run
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -107,14 +106,7 @@ def test_a_ray_cloud_reports_its_set_up_progress_while_it_pretrains(tmp_path: Pa
     progress from Ray's key-value store, where the actor writes it: both set-up steps are heard of, counting up to
     the whole step, and the key is gone afterwards."""
 
-    class Phases(Observer):
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def on_phase(self, round_index: int, phase: str) -> None:
-            self.seen.append(phase)
-
-    phases = Phases()
+    phases = PhaseRecorder()
     overrides = ["rounds=1", "runtime.num_actors=1", "cloud.pretrain_epochs=40", "patch.bootstrap_epochs=40"]
     overrides.append(f"data.cache_dir={tmp_path / 'cache'}")  # pretrained here, not found in a cache
     config = load_config(None, [*TINY_RUN, f"output.out_dir={tmp_path / 'run'}", *overrides])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_RUN
+from conftest import TINY_RUN, PhaseRecorder
 
 from dccl_sim.cli import main
 from dccl_sim.config import ConfigError, load_config
@@ -181,16 +181,7 @@ def test_the_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path: Path)
 def test_set_up_steps_show_their_progress_with_an_eta(tmp_path: Path) -> None:
     """Long set-up steps are not one static line: generating the data, drawing negatives, writing the shards,
     pretraining and bootstrapping each report counts that grow to their total, with elapsed time and an ETA."""
-    from dccl_sim.runtime.observers import Observer
-
-    class Phases(Observer):
-        def __init__(self) -> None:
-            self.seen: list[str] = []
-
-        def on_phase(self, round_index: int, phase: str) -> None:
-            self.seen.append(phase)
-
-    phases = Phases()
+    phases = PhaseRecorder()
     run(
         _config(
             tmp_path / "run",

@@ -38,10 +38,9 @@ from dccl_sim.progress import Progress
 from dccl_sim.runtime.base import DevicePhase, PackDone, Runtime
 from dccl_sim.runtime.placement import pack_cpus
 
-# one call at a time, every one on the actor's main thread: torch's OpenMP keeps one team of threads. With calls on
-# two threads (max_concurrency=2, once used so that pretraining could answer progress calls) each thread got a team
-# of its own, libgomp saw more threads than cores and put its workers to sleep between parallel regions: the 10^5
-# devices' cloud update took 32-37 s against 21 s (docs/scale-out.md)
+# one call at a time, every one on the actor's main thread, so torch's OpenMP keeps one team of threads: calls on
+# several threads give each its own team, and libgomp, seeing more threads than cores, sleeps its workers between
+# parallel regions (docs/scale-out.md). Progress during pretraining therefore travels through Ray's key-value store
 CloudActor = ray.remote(CloudHost)
 CLOUD_START_TIMEOUT_S = 300.0  # the placement group waits this long for the cloud workers' CPUs
 PROGRESS_POLL_S = 0.5
