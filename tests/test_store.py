@@ -14,7 +14,7 @@ from dccl_sim.data.build import BuiltDataset, build_dataset
 from dccl_sim.data.device_data import SPLIT_TRAIN
 from dccl_sim.data.prepare import prepare_dataset, write_to
 from dccl_sim.data.raw import DataError
-from dccl_sim.data.store import SAMPLE_SCHEMA, read_devices, read_item_category, read_meta
+from dccl_sim.data.store import SAMPLE_SCHEMA, read_devices, read_item_category, read_meta, samples_per_device
 
 
 @pytest.fixture
@@ -93,6 +93,23 @@ def test_eval_samples_of_keeps_training_samples_and_only_the_chosen_devices_eval
     assert (kept.split != SPLIT_TRAIN).sum() < (~train).sum()
     for device in chosen:
         assert np.array_equal(kept.item[kept.sample_device == device], full.item[full.sample_device == device])
+
+
+def test_samples_per_device_counts_what_a_host_loads(sharded, ml100k_raw, tmp_path: Path) -> None:
+    """The packs are balanced on these counts, read from devices.parquet alone: they must be the samples a host
+    holds once it has loaded its devices, with evaluation negatives stored or drawn on load, and with only some
+    devices' evaluation samples kept."""
+    lazy = build_dataset(
+        ml100k_raw, DataConfig(num_devices=50, eval_negatives=5, shard_size=16, eval_negatives_on_load=True), seed=0
+    )
+    write_to(lazy, tmp_path / "lazy")
+    evaluated = np.array([2, 7, 31])
+    for root in (str(sharded[1]), str(tmp_path / "lazy")):
+        for chosen in (None, evaluated):
+            loaded = read_devices(root, eval_samples_of=chosen)
+            held = np.bincount(loaded.sample_device, minlength=50)
+            assert np.array_equal(samples_per_device(root, chosen), held), (root, chosen)
+    assert not np.array_equal(samples_per_device(root), samples_per_device(root, evaluated))
 
 
 def test_eval_negatives_drawn_on_load_match_the_stored_layout_for_any_subset(ml100k_raw, tmp_path: Path) -> None:
